@@ -1,0 +1,173 @@
+"""The `dwdp-bench` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help=(
+        "Benchmark DWDP (distributed weight data parallelism) against expert parallelism for MoE prefill, "
+        "on the same model and the same kernels.\n\n"
+        "Start with `dwdp-bench env`, then `dwdp-bench e2e` (defaults: synthetic DeepSeek-V3-Lite NVFP4 on "
+        "every GPU here, or the tiny model on 2 CPU ranks without GPUs). Results go to results/*.csv, one row "
+        "per measurement, written as soon as it is measured."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+accuracy_app = typer.Typer(help="Accuracy of every strategy: GSM8K through lm-eval, or agreement with the single-GPU reference.", no_args_is_help=True)
+app.add_typer(accuracy_app, name="accuracy")
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(code)
+
+
+def _csv_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{what} takes comma-separated numbers, got {text!r}")
+
+
+def _csv_names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        _fail(f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+def resolve_ranks(gpus: Optional[int], device: Optional[str], ranks: Optional[int]) -> tuple[str, int, str]:
+    """(device type, number of ranks, device name) from --gpus / --device / --ranks."""
+    import torch
+
+    if device not in (None, "cuda", "cpu"):
+        _fail(f"--device must be cuda or cpu, got {device!r}")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        device = "cuda" if (gpus or available) else "cpu"
+    if device == "cpu":
+        if gpus:
+            _fail("--gpus asks for GPUs but --device cpu was given; use --ranks N for CPU ranks")
+        n = ranks or 2
+        return "cpu", n, f"{n} CPU ranks"
+    n = gpus or ranks or available
+    if available == 0:
+        _fail("no CUDA GPU is visible here; run on CPU ranks with --device cpu --ranks N")
+    if n > available:
+        _fail(f"{n} GPUs asked for but only {available} are visible here")
+    return "cuda", n, f"{n} x {torch.cuda.get_device_name(0)}"
+
+
+@app.command()
+def env(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file.")) -> None:
+    """Report GPUs, NVLink / P2P topology, MPI and the versions of every dependency (Rich table + JSON)."""
+    from .envinfo import collect, table
+    from .results import write_json
+
+    info = collect()
+    Console().print(table(info))
+    if json_out:
+        write_json(json_out, info)
+        console.print(f"wrote {json_out}")
+    else:
+        print(json.dumps({k: v for k, v in info.items() if k != "topology"}, default=str))
+
+
+@app.command()
+def e2e(
+    gpus: Optional[int] = typer.Option(None, help="GPUs (one rank each) on this host. Default: all visible GPUs."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu. Default: cuda when a GPU is visible."),
+    ranks: Optional[int] = typer.Option(None, help="Number of CPU ranks with --device cpu (default 2)."),
+    model: Optional[str] = typer.Option(None, help="synthetic:<config> (deepseek-v3-lite, deepseek-v3, tiny) or a checkpoint directory. Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
+    layers: Optional[int] = typer.Option(None, help="Override the number of layers of a synthetic model."),
+    strategies: str = typer.Option("replicated,dwdp,ep,ep-overlap", help="Comma-separated: replicated, dwdp, ep, ep-overlap."),
+    cv: str = typer.Option("0,0.2,0.4", help="Input-length spreads to run (coefficient of variation), comma-separated."),
+    isl: Optional[int] = typer.Option(None, help="Mean input length. Default 8192 on GPU, 48 on CPU."),
+    max_tokens: Optional[int] = typer.Option(None, help="Max tokens per batch. Default 32768 on GPU, 192 on CPU."),
+    requests_per_rank: int = typer.Option(16, help="Requests per rank (assigned round-robin)."),
+    repeats: int = typer.Option(3, help="Measured passes per (strategy, spread); the table shows medians."),
+    warmup: int = typer.Option(1, help="Unmeasured passes first (compilation, NCCL setup). The first one's logits are compared across strategies."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device) or grouped (CUDA). Default: the fastest available."),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16 or float32."),
+    act_quant: str = typer.Option("none", help="none, or nvfp4: quantise-dequantise expert activations (W4A4 numerics)."),
+    align: int = typer.Option(1, help="Pad each expert's rows to a multiple of this in the permuted layout."),
+    dwdp_size: Optional[int] = typer.Option(None, help="Ranks per DWDP group (N). Default: all ranks."),
+    dwdp_local: Optional[int] = typer.Option(None, "--dwdp-local", help="L: experts stored per rank. Must satisfy E = L + (N-1) x P."),
+    dwdp_prefetch: Optional[int] = typer.Option(None, "--dwdp-prefetch", help="P: experts pulled from every peer per layer."),
+    slice_mib: float = typer.Option(0.0, help="Split prefetch copies into slices of this many MiB, peers round-robin (the contention fix for groups > 2). 0: whole copies."),
+    seed: int = typer.Option(0, help="Seed of the synthetic weights and of the workload."),
+    timeout: float = typer.Option(300.0, help="Seconds a rank may go without progress before the run is declared hung and stopped."),
+    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/e2e-<UTC time>.csv."),
+    master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address (loopback unless told otherwise)."),
+    fault_delay_prefetch: float = typer.Option(0.0, help="Fault injection: delay every DWDP prefetch by this many seconds (logits must not change)."),
+    fault_skip_prefetch_wait: bool = typer.Option(False, help="Fault injection: compute does not wait for prefetches (must be caught as a logit mismatch)."),
+    progress: bool = typer.Option(True, help="Progress bar on rank 0."),
+) -> None:
+    """Prefill throughput of DWDP vs EP vs replicated on one workload, measured side by side.
+
+    Every rank builds the same model (synthetic weights from a seed, or a checkpoint); each strategy
+    runs the same requests on the same ranks: DWDP and replicated ranks run their queues
+    independently, EP ranks step in lockstep. Per (strategy, spread, repeat) one CSV row: tokens/s
+    per GPU, TTFT p50/p90/max, busy vs waiting time (EP: collectives; DWDP: exposed prefetch), bytes
+    moved and GB/s, peak memory and routed-expert bytes per rank, and the last-token logit error
+    against replicated. A per-rank timeline of the last repeat goes to <out>.timeline.json.
+    """
+    from .e2e import plan_summary, validate
+    from .launcher import LaunchError, launch
+    from .results import default_path, sidecar, write_json
+
+    dev, n, device_name = resolve_ranks(gpus, device, ranks)
+    on_gpu = dev == "cuda"
+    args = {
+        "model": model or ("synthetic:deepseek-v3-lite" if on_gpu else "synthetic:tiny"),
+        "layers": layers,
+        "strategies": _csv_names(strategies, ("replicated", "dwdp", "ep", "ep-overlap"), "strategy"),
+        "cvs": _csv_floats(cv, "--cv"),
+        "isl": isl or (8192 if on_gpu else 48),
+        "max_tokens": max_tokens or (32768 if on_gpu else 192),
+        "requests_per_rank": requests_per_rank,
+        "repeats": repeats,
+        "warmup": warmup,
+        "kernels": kernels,
+        "dtype": dtype,
+        "act_quant": act_quant == "nvfp4",
+        "align": align,
+        "dwdp_size": dwdp_size,
+        "dwdp_local": dwdp_local,
+        "dwdp_prefetch": dwdp_prefetch,
+        "slice_bytes": int(slice_mib * 2**20),
+        "seed": seed,
+        "fault_delay_prefetch_s": fault_delay_prefetch,
+        "fault_skip_prefetch_wait": fault_skip_prefetch_wait,
+        "progress": progress,
+        "device": dev,
+        "device_name": device_name,
+        "out": str(default_path("e2e", out)),
+    }
+    if act_quant not in ("none", "nvfp4"):
+        _fail(f"--act-quant must be none or nvfp4, got {act_quant!r}")
+    try:
+        validate(args, n)
+    except ValueError as e:
+        _fail(str(e))
+    from .envinfo import collect
+
+    write_json(sidecar(Path(args["out"]), "env"), {"command": "e2e", "args": plan_summary(args), "env": collect()})
+    try:
+        launch("e2e", args, n, dev, timeout, master_addr)
+    except LaunchError as e:
+        _fail(str(e), code=1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,44 @@
+"""MoE kernels behind one interface (`interface.MoEKernels`), chosen by name.
+
+    torch    plain torch, any device: the reference (kernels/reference.py)
+    grouped  CUDA: Triton NVFP4 decode + torch._grouped_mm + Triton epilogues (kernels/grouped.py)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .interface import ExpertWeights, MoEKernels, RoutingPlan, WeightView, build_plan
+from .nvfp4 import NVFP4Weights
+
+KERNEL_NAMES = ("torch", "grouped")
+
+
+def default_kernels(device: torch.device | str) -> str:
+    """The fastest implementation that runs on `device`."""
+    if torch.device(device).type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "grouped"
+    return "torch"
+
+
+def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) -> MoEKernels:
+    """`act_quant`: NVFP4 quantise-dequantise of the expert GEMMs' activations (W4A4 numerics)."""
+    device = torch.device(device)
+    if name == "torch":
+        from .reference import TorchReferenceKernels
+
+        return TorchReferenceKernels(act_quant)
+    if name == "grouped":
+        if device.type != "cuda":
+            raise ValueError("kernels 'grouped' run on CUDA GPUs only; use --kernels torch on CPU")
+        from .grouped import GroupedTritonKernels
+
+        return GroupedTritonKernels(act_quant)
+    raise ValueError(f"unknown kernels {name!r}; choose one of: {', '.join(KERNEL_NAMES)}")
+
+
+__all__ = ["ExpertWeights", "KERNEL_NAMES", "MoEKernels", "NVFP4Weights", "RoutingPlan", "WeightView", "build_plan", "default_kernels", "get_kernels"]

@@ -1,0 +1,65 @@
+"""The plain-torch MoE kernels: the reference every other implementation is tested against.
+
+Runs on any device. Each weight view is decoded (e2m1 x e4m3, exact in bf16) into one `[E, N, K]`
+scratch tensor segment by segment, in expert order, then a single `torch._grouped_mm` runs over all
+experts. Because the decode is exact and the GEMM sees the same bytes whatever the segmentation, a
+view of one segment (replicated) and a view of N segments (DWDP) give bit-identical results.
+The global scale is applied in fp32 after the GEMM, as a fused epilogue would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .interface import RoutingPlan, WeightView
+from .nvfp4 import decode, fake_quantize_activations
+
+
+def decode_view(view: WeightView, dtype: torch.dtype, decode_into=None) -> torch.Tensor:
+    """All experts of a view decoded (no global scale) into one `[E, N, K]` tensor, in expert order."""
+    out = torch.empty(view.num_experts, view.n, view.k, dtype=dtype, device=view.segments[0].device)
+    start = 0
+    for seg in view.segments:
+        stop = start + seg.num_experts
+        if decode_into is None:
+            out[start:stop] = decode(seg, dtype)
+        else:
+            decode_into(seg, out[start:stop])
+        start = stop
+    return out
+
+
+def grouped_gemm(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """rows `[R, K]` x per-expert weights `[E, N, K]` -> `[R, N]`; rows past the last expert are undefined."""
+    return torch._grouped_mm(rows, weights.transpose(1, 2), offs=plan.group_ends())
+
+
+class TorchReferenceKernels:
+    """`act_quant`: quantise-dequantise FC1's and FC2's inputs to NVFP4 (W4A4 numerics)."""
+
+    name = "torch"
+
+    def __init__(self, act_quant: bool = False):
+        self.act_quant = act_quant
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_activations(x) if self.act_quant else x
+
+    def fc1(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView) -> torch.Tensor:
+        if plan.num_tokens == 0:
+            return x.new_zeros(plan.num_rows, w13.n // 2)
+        y = grouped_gemm(self._input(x)[plan.row_token], decode_view(w13, x.dtype), plan)
+        inv_scale = (1.0 / w13.global_scales())[plan.row_expert].unsqueeze(1)
+        gate, up = (y.float() * inv_scale).chunk(2, dim=-1)
+        return (F.silu(gate) * up).to(x.dtype)
+
+    def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+        if plan.num_tokens == 0:
+            return h.new_zeros(0, w2.n)
+        z = grouped_gemm(self._input(h), decode_view(w2, h.dtype), plan)
+        coef = plan.token_weights / w2.global_scales()[plan.token_experts]
+        out = torch.zeros(plan.num_tokens, z.shape[1], dtype=torch.float32, device=z.device)
+        for j in range(plan.top_k):  # a fixed order: the sum is deterministic
+            out += coef[:, j : j + 1] * z[plan.token_rows[:, j]].float()
+        return out.to(h.dtype)
