@@ -171,3 +171,7 @@ def e2e(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

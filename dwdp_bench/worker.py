@@ -1,7 +1,8 @@
 """One rank of a launched job: `python -m dwdp_bench.worker JOB.json` (started by launcher.launch).
 
-A job is a function `(ctx: RankContext, args: dict) -> None` named in JOBS. The worker reports
-progress, completion or its error to the launcher over the pipe in DWDP_CONTROL_FD.
+A job is a function `(ctx: RankContext, args: dict) -> None`: a name in JOBS, or any importable
+"module:function". The worker reports progress, completion or its error to the launcher over the
+pipe in DWDP_CONTROL_FD.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import traceback
 JOBS = {
     "e2e": "dwdp_bench.e2e:rank_main",
     "accuracy": "dwdp_bench.accuracy:rank_main",
-    "selftest": "dwdp_bench.selftest:rank_main",
 }
 
 
 def _job_function(name: str):
-    if name not in JOBS:
-        raise ValueError(f"unknown job {name!r}")
-    module, fn = JOBS[name].split(":")
+    target = JOBS.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"unknown job {name!r}: a name in {sorted(JOBS)} or module:function")
+    module, fn = target.split(":")
     return getattr(importlib.import_module(module), fn)
 
 

@@ -96,10 +96,13 @@ class GroupedTritonKernels(TorchReferenceKernels):
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         z = grouped_gemm(self._input(h), decode_view(w2, h.dtype, decode_into), plan)
-        coef = (plan.token_weights / w2.global_scales()[plan.token_experts]).contiguous()
-        hidden = z.shape[1]
-        out = torch.empty(plan.num_tokens, hidden, dtype=h.dtype, device=h.device)
-        _finalize_kernel[(plan.num_tokens, triton.cdiv(hidden, 1024))](
-                z, plan.token_rows.contiguous(), coef, out, hidden, TOP_K=plan.top_k, BLOCK_C=1024
+        return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
+
+    def reduce_rows(self, rows: torch.Tensor, token_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        tokens, hidden = token_rows.shape[0], rows.shape[1]
+        out = torch.empty(tokens, hidden, dtype=rows.dtype, device=rows.device)
+        if tokens:
+            _finalize_kernel[(tokens, triton.cdiv(hidden, 1024))](
+                rows, token_rows.contiguous(), coef.float().contiguous(), out, hidden, TOP_K=token_rows.shape[1], BLOCK_C=1024
             )
         return out

@@ -96,6 +96,12 @@ class RoutingPlan:
         return self.expert_offsets[1:].to(torch.int32)
 
 
+def count_values(values: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs. Unlike torch.bincount on CUDA, never syncs with the host
+    (bincount reads the maximum back to size its output), so it is safe between async collectives."""
+    return torch.zeros(n, dtype=torch.long, device=values.device).scatter_add_(0, values, torch.ones_like(values))
+
+
 def build_plan(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, align: int = 1) -> RoutingPlan:
     """Permute (token, choice) pairs into a per-expert contiguous layout; stable in token order."""
     if align < 1:
@@ -104,7 +110,7 @@ def build_plan(topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: 
     device = topk_idx.device
     flat = topk_idx.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = count_values(flat, num_experts)
     padded = (counts + align - 1) // align * align
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     offsets[1:] = torch.cumsum(padded, 0)
@@ -142,4 +148,8 @@ class MoEKernels(Protocol):
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
         """h `[R, I]` -> `[T, H]`: each token's rows weighted by the router and summed in fp32."""
+        ...
+
+    def reduce_rows(self, rows: torch.Tensor, token_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """out[t] = sum_j coef[t, j] * rows[token_rows[t, j]] in fp32, j in order; rows' dtype out."""
         ...

@@ -58,8 +58,12 @@ class TorchReferenceKernels:
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         z = grouped_gemm(self._input(h), decode_view(w2, h.dtype), plan)
-        coef = plan.token_weights / w2.global_scales()[plan.token_experts]
-        out = torch.zeros(plan.num_tokens, z.shape[1], dtype=torch.float32, device=z.device)
-        for j in range(plan.top_k):  # a fixed order: the sum is deterministic
-            out += coef[:, j : j + 1] * z[plan.token_rows[:, j]].float()
-        return out.to(h.dtype)
+        return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
+
+    def reduce_rows(self, rows: torch.Tensor, token_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """out[t] = sum_j coef[t, j] * rows[token_rows[t, j]], in fp32, j in order (deterministic).
+        FC2's finalize; EP's combine uses it too, to sum the rows that come back to each token."""
+        out = torch.zeros(token_rows.shape[0], rows.shape[1], dtype=torch.float32, device=rows.device)
+        for j in range(token_rows.shape[1]):
+            out += coef[:, j : j + 1] * rows[token_rows[:, j]].float()
+        return out.to(rows.dtype)

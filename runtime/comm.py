@@ -55,6 +55,8 @@ def init_process_group(
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # CPU ranks share the cores: without this each would start one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     ctx = RankContext(rank, world_size, local_rank, device)
     if world_size == 1:
         return ctx

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels import ExpertWeights, MoEKernels, NVFP4Weights, WeightView, build_plan
+from ..kernels.interface import count_values
 from .comm import RankContext
 from .config import ModelConfig
 from .model import Steps
@@ -360,6 +361,11 @@ class EP(Strategy):
             w13, w2 = source.experts(self._layer(m), lo, lo + self.per_rank, ctx.device)
             self.views.append(ExpertWeights(WeightView([w13]), WeightView([w2])))
         self.count_stream = torch.cuda.Stream(ctx.device) if ctx.is_cuda else None
+        # Pinned host buffers for the counts, allocated once: allocating pinned memory can synchronise
+        # the device, which must never happen while a collective waits for a peer. Two micro-batches
+        # each have at most one exchange in flight; four slots leave room.
+        self._host_counts_ring = [torch.empty((2, n), dtype=torch.long, pin_memory=True) for _ in range(4)] if ctx.is_cuda else []
+        self._ring_next = 0
         self._sent_bytes = 0
 
     def _exchange_counts(self, send_counts: torch.Tensor):
@@ -372,7 +378,8 @@ class EP(Strategy):
         work = dist.all_to_all_single(recv_counts, send_counts, async_op=True)
         if self.count_stream is None:
             return work, send_counts, recv_counts
-        host = torch.empty((2, send_counts.numel()), dtype=send_counts.dtype, pin_memory=True)
+        host = self._host_counts_ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % len(self._host_counts_ring)
         self.count_stream.wait_stream(torch.cuda.current_stream(self.ctx.device))
         with torch.cuda.stream(self.count_stream):
             work.wait()
@@ -398,7 +405,7 @@ class EP(Strategy):
         hidden = x.shape[1]
         dest = (topk_idx // self.per_rank).reshape(-1)
         order = torch.argsort(dest, stable=True)  # (token, choice) pairs grouped by owner rank
-        send_counts = torch.bincount(dest, minlength=n)
+        send_counts = count_values(dest, n)
         send_x = x[order // k]
         local_expert = topk_idx.reshape(-1)[order] - dest[order] * self.per_rank
         # Router weight travels with its row as raw bits, so one all-to-all carries both.
@@ -431,7 +438,8 @@ class EP(Strategy):
         self._sent_bytes += (sum(send_splits) - send_splits[r]) * meta.shape[1] * 4 + remote_rows * hidden * x.element_size()
         position = torch.empty_like(order)
         position[order] = torch.arange(t * k, device=order.device)
-        return back[position].view(t, k, hidden).float().sum(1).to(x.dtype)
+        # The rows came back already weighted (the owner's FC2 applied the router weights).
+        return self.kernels.reduce_rows(back, position.view(t, k), torch.ones(t, k, device=x.device))
 
     def transport_stats(self) -> dict[str, float]:
         out = {"bytes": self._sent_bytes, "ms": None}

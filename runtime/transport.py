@@ -112,7 +112,7 @@ class PeerArena:
             raise ValueError(f"unknown arena kind {exported['kind']!r}")
 
     def ptr(self, offset: int) -> int:
-        return self._ptr0 + offset
+        return (self._ptr0 if self._shm is None else self.data.data_ptr()) + offset
 
     def close(self) -> None:
         if self._shm is not None:
@@ -223,7 +223,9 @@ class CpuPrefetchStream:
                 if op == "wait":
                     self._wait(arg)
                 elif op == "copy":
-                    arg.dst.data[arg.dst_offset : arg.dst_offset + arg.nbytes].copy_(arg.src.data[arg.src_offset : arg.src_offset + arg.nbytes])
+                    # A raw memmove, like the GPU path's cudaMemcpyAsync: a torch op on this thread would
+                    # start a second OpenMP team next to the compute thread's and slow both ~20x.
+                    ctypes.memmove(arg.dst.ptr(arg.dst_offset), arg.src.ptr(arg.src_offset), arg.nbytes)
                 elif op == "set":
                     arg.set()
                 elif op == "sleep":
