@@ -100,6 +100,9 @@ def launch(job: str, args: dict, nprocs: int, device: str, timeout_s: float, mas
                 MASTER_PORT=str(port),
                 DWDP_CONTROL_FD=str(write_fd),
                 NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
+                # Connect every NCCL channel at init: lazily made point-to-point connections need both
+                # ranks' host threads inside the same call, which overlapped all-to-alls cannot promise.
+                NCCL_RUNTIME_CONNECT=os.environ.get("NCCL_RUNTIME_CONNECT", "0"),
             )
             proc = subprocess.Popen(
                 [sys.executable, "-m", "dwdp_bench.worker", job_file], env=env, pass_fds=(write_fd,), preexec_fn=_die_with_parent

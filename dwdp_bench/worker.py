@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -61,6 +62,7 @@ def _run(job: str, args: dict, device: str, timeout_s: float, rank: int, world: 
 
 
 def main() -> None:
+    logging.basicConfig(level=os.environ.get("DWDP_LOG_LEVEL", "WARNING"), format=f"[rank {os.environ.get('RANK')}] %(name)s: %(message)s")
     spec = json.loads(open(sys.argv[1]).read())
     env = os.environ
     rank = int(env["RANK"])

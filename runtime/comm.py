@@ -60,8 +60,10 @@ def init_process_group(
     ctx = RankContext(rank, world_size, local_rank, device)
     if world_size == 1:
         return ctx
-    # NVLink multicast stays off: on shared hosts it can take the GPUs out of service.
+    # NVLink multicast stays off: on shared hosts it can take the GPUs out of service. All NCCL
+    # connections are made at init (see launcher.py), also under mpirun.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://{master_addr}:{master_port}",

@@ -14,6 +14,7 @@ kernels get and in what moves between ranks:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from .transport import Arena, Copy, PeerArena, align_up, prefetch_stream
 from .weights import WeightSource, expert_nbytes
 
 STRATEGIES = ("replicated", "dwdp", "ep", "ep-overlap")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -415,6 +417,7 @@ class EP(Strategy):
         yield
         tl.mark(WAIT_COLLECTIVE, layer)
         send_splits, recv_splits = self._host_counts(pending)
+        log.debug("rank %d layer %d: dispatch send %s recv %s", r, layer, send_splits, recv_splits)
         recv_x = x.new_empty(sum(recv_splits), hidden)
         recv_meta = meta.new_empty(sum(recv_splits), 2)
         works = [

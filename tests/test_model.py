@@ -64,11 +64,12 @@ def test_prefill_matches_float64_reference(name, seed):
     torch.testing.assert_close(model.forward(tokens, seq_lens), got[ends])
 
 
-def test_packed_prefill_equals_one_sequence_at_a_time():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_prefill_equals_one_sequence_at_a_time(seed):
     cfg = CONFIGS["tiny"]
-    model, _, _ = build_model(cfg, torch.float32, 3)
+    model, _, _ = build_model(cfg, torch.float32, seed)
     seq_lens = [4, 9, 6]
-    tokens = torch.randint(0, cfg.vocab_size, (sum(seq_lens),))
+    tokens = torch.randint(0, cfg.vocab_size, (sum(seq_lens),), generator=torch.Generator().manual_seed(seed))
     packed = model.forward(tokens, seq_lens, logits="all")
     start = 0
     for n in seq_lens:
@@ -78,12 +79,14 @@ def test_packed_prefill_equals_one_sequence_at_a_time():
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decode_with_kv_cache_matches_prefill(name):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_with_kv_cache_matches_prefill(name, seed):
     cfg = CONFIGS[name]
-    model, _, _ = build_model(cfg, torch.float32, 5)
+    model, _, _ = build_model(cfg, torch.float32, seed)
     lens = [6, 3]
     new = 4
-    full = [torch.randint(0, cfg.vocab_size, (n + new,)) for n in lens]
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.randint(0, cfg.vocab_size, (n + new,), generator=gen) for n in lens]
     cache = KVCache.allocate(cfg, batch=3, max_len=16, device=torch.device("cpu"), dtype=torch.float32)
     slots = torch.tensor([2, 0])  # any slots, in any order
     model.forward(torch.cat([f[:n] for f, n in zip(full, lens)]), lens, cache=cache, slots=slots)
