@@ -165,6 +165,9 @@ def _supervise(ranks: list[_Rank], sel: selectors.BaseSelector, timeout_s: float
             return
         stalled = [rk for rk in running if now - rk.last_progress > timeout_s]
         if stalled:
+            for rk in running:  # each rank prints its Python stacks (worker.py registers SIGUSR1)
+                rk.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             _stop(ranks)
             worst = min(stalled, key=lambda rk: rk.last_progress)
             others = ", ".join(f"rank {rk.rank}: {rk.what!r} {now - rk.last_progress:.0f} s ago" for rk in ranks if rk is not worst)

@@ -8,9 +8,11 @@ pipe in DWDP_CONTROL_FD.
 from __future__ import annotations
 
 import importlib
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -62,6 +64,8 @@ def _run(job: str, args: dict, device: str, timeout_s: float, rank: int, world: 
 
 
 def main() -> None:
+    # The launcher sends SIGUSR1 to every rank before stopping a hung run: each prints where it is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=os.environ.get("DWDP_LOG_LEVEL", "WARNING"), format=f"[rank {os.environ.get('RANK')}] %(name)s: %(message)s")
     spec = json.loads(open(sys.argv[1]).read())
     env = os.environ
