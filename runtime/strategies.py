@@ -375,11 +375,14 @@ class EP(Strategy):
 
         On CUDA the device-to-host copy of both count vectors is queued now, on a side stream that
         waits only for this exchange, so finishing it later does not wait for whatever the compute
-        stream queued in between (the other micro-batch's attention, under ep-overlap)."""
+        stream queued in between (the other micro-batch's attention, under ep-overlap). The count
+        tensors travel in the returned tuple: freed earlier, the allocator could hand their memory
+        to the compute stream before the side stream has read them (seen: garbage counts, then a
+        hung all-to-all)."""
         recv_counts = torch.empty_like(send_counts)
         work = dist.all_to_all_single(recv_counts, send_counts, async_op=True)
         if self.count_stream is None:
-            return work, send_counts, recv_counts
+            return work, None, send_counts, recv_counts
         host = self._host_counts_ring[self._ring_next]
         self._ring_next = (self._ring_next + 1) % len(self._host_counts_ring)
         self.count_stream.wait_stream(torch.cuda.current_stream(self.ctx.device))
@@ -389,16 +392,20 @@ class EP(Strategy):
             host[1].copy_(recv_counts, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-        return ready, host, None
+        return ready, host, send_counts, recv_counts
 
     @staticmethod
     def _host_counts(pending) -> tuple[list[int], list[int]]:
-        done, send, recv = pending
-        if recv is not None:  # gloo
+        done, host, send, recv = pending
+        if host is None:  # gloo: the exchange ran on the host
             done.wait()
-            return send.tolist(), recv.tolist()
-        done.synchronize()
-        return send[0].tolist(), send[1].tolist()
+            counts = (send.tolist(), recv.tolist())
+        else:
+            done.synchronize()
+            counts = (host[0].tolist(), host[1].tolist())
+        if any(not 0 <= c < 2**31 for c in counts[1]):  # a corrupt exchange fails here, not as a hung all-to-all
+            raise RuntimeError(f"EP count exchange returned impossible row counts {counts[1]}")
+        return counts
 
     def routed(self, moe_layer, x, topk_idx, topk_weights):
         layer, tl = self._layer(moe_layer), self.timeline
