@@ -169,6 +169,74 @@ def e2e(
         _fail(str(e), code=1)
 
 
+@accuracy_app.command("gsm8k")
+def gsm8k(
+    model: Optional[str] = typer.Option(None, help="synthetic:<config> or a checkpoint directory (tokenizer from the same directory). Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
+    data: Optional[Path] = typer.Option(None, help="GSM8K test file: .jsonl or .parquet with question/answer (upstream format). Required; nothing is downloaded."),
+    train: Optional[Path] = typer.Option(None, help="File to draw few-shot examples from. Default: the test file, never the question itself."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N questions only."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt. Default: lm-eval's gsm8k (5)."),
+    max_gen_toks: int = typer.Option(256, help="Most tokens generated per question."),
+    batch_size: int = typer.Option(16, help="Questions per batch on each rank."),
+    strategies: str = typer.Option("replicated,dwdp,ep", help="Comma-separated; replicated always runs (first) as the agreement reference."),
+    gpus: Optional[int] = typer.Option(None, help="GPUs (one rank each). Default: all visible."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu."),
+    ranks: Optional[int] = typer.Option(None, help="CPU ranks with --device cpu (default 2)."),
+    layers: Optional[int] = typer.Option(None, help="Override the number of layers of a synthetic model."),
+    reference: Optional[float] = typer.Option(None, help="Published score (points) to test against, e.g. 63.71 for DeepSeek-V3-Lite NVFP4: pass when the score is not significantly lower (one-sided, sigma 50, alpha 0.05)."),
+    metric: str = typer.Option("flexible-extract", help="The score --reference is compared with: strict-match or flexible-extract."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch or grouped. Default: the fastest available."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 or float32."),
+    act_quant: str = typer.Option("none", help="none or nvfp4 (W4A4 numerics)."),
+    seed: int = typer.Option(0, help="Seed of synthetic weights."),
+    timeout: float = typer.Option(300.0, help="Seconds without progress before a rank is declared hung."),
+    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/accuracy-<UTC time>.csv."),
+    master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address."),
+) -> None:
+    """GSM8K through lm-eval's own task and filters, under each strategy, fully offline.
+
+    With a real checkpoint: strict-match and flexible-extract scores per strategy, and pass/fail
+    against --reference. With synthetic weights the scores are meaningless, so the report is
+    agreement with replicated: the fraction of questions with identical generated tokens, the first
+    position where they differ, and the prefill's last-token logit error. DWDP with the same kernels
+    must be identical. Generation decodes token by token with a KV cache; under DWDP every decode
+    step prefetches every routed expert (correct, slow: DWDP is a prefill technique).
+    """
+    from .accuracy import check_data
+    from .e2e import plan_summary
+    from .launcher import LaunchError, launch
+    from .results import default_path, sidecar, write_json
+
+    dev, n, device_name = resolve_ranks(gpus, device, ranks)
+    names = _csv_names(strategies, ("replicated", "dwdp", "ep", "ep-overlap"), "strategy")
+    if "ep-overlap" in names:
+        _fail("accuracy runs replicated, dwdp and ep; ep-overlap computes the same as ep")
+    if metric not in ("strict-match", "flexible-extract"):
+        _fail(f"--metric must be strict-match or flexible-extract, got {metric!r}")
+    try:
+        data = check_data(data)
+        if train is not None:
+            check_data(train)
+    except ValueError as e:
+        _fail(str(e))
+    args = {
+        "model": model or ("synthetic:deepseek-v3-lite" if dev == "cuda" else "synthetic:tiny"),
+        "layers": layers, "data": str(data), "train": str(train) if train else None, "limit": limit, "num_fewshot": num_fewshot,
+        "max_gen_toks": max_gen_toks, "batch_size": batch_size, "strategies": names, "reference": reference, "metric": metric,
+        "kernels": kernels, "dtype": dtype, "act_quant": act_quant == "nvfp4", "seed": seed, "device": dev, "device_name": device_name,
+        "align": 1, "dwdp_size": None, "dwdp_local": None, "dwdp_prefetch": None, "slice_bytes": 0,
+        "fault_delay_prefetch_s": 0.0, "fault_skip_prefetch_wait": False,
+        "out": str(default_path("accuracy", out)),
+    }
+    from .envinfo import collect
+
+    write_json(sidecar(Path(args["out"]), "env"), {"command": "accuracy gsm8k", "args": plan_summary(args), "env": collect()})
+    try:
+        launch("accuracy", args, n, dev, timeout, master_addr)
+    except LaunchError as e:
+        _fail(str(e), code=1)
+
+
 def main() -> None:
     app()
 

@@ -64,10 +64,23 @@ def _mpi() -> dict:
     return info
 
 
+def _git_commit() -> str | None:
+    """The commit of the source tree dwdp-bench runs from (an editable install), with '+dirty'."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    head = _run(["git", "-C", str(root), "rev-parse", "HEAD"])
+    if head is None:
+        return None
+    dirty = _run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
+    return head + ("+dirty" if dirty else "")
+
+
 def collect() -> dict:
     import torch
 
     info: dict = {
+        "dwdp_bench_commit": _git_commit(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],

@@ -193,7 +193,7 @@ class Model:
         slots_dev = slots.to(self.device)
         cache.keys[layer][slots_dev, positions] = k
         cache.values[layer][slots_dev, positions] = v
-        span = int(cache.lengths[slots].max()) + 1
+        span = int(cache.lengths[slots].max()) + 1 if len(slots) else 1
         keys, values = cache.keys[layer][slots_dev, :span], cache.values[layer][slots_dev, :span]
         mask = torch.arange(span, device=self.device)[None, :] <= positions[:, None]  # [B, span]
         o = _sdpa(q[:, None], keys, values, self.scale, causal=False, mask=mask[:, None, None, :])[:, 0]

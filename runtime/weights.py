@@ -108,8 +108,9 @@ class SyntheticWeights:
     and a slice of experts equals the same experts of the full stack. CPU and CUDA generators are
     different algorithms (Mersenne Twister vs Philox), so a CPU model and a GPU model with the same
     seed are different models.
-    Scales keep activations O(1): linear layers draw N(0, 1/fan_in), norms are 1, embeddings N(0, 1),
-    router biases N(0, 0.01) so that the bias path is exercised.
+    Scales keep activations O(1): linear layers draw N(0, 1/fan_in), those writing into the residual
+    stream (o_proj, MLP and expert down projections) a further 1/sqrt(2 x layers); norms are 1,
+    embeddings N(0, 1), router biases N(0, 0.01) so that the bias path is exercised.
     """
 
     def __init__(self, config: ModelConfig, seed: int = 0):
@@ -124,8 +125,12 @@ class SyntheticWeights:
         out = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
         return (out * std).to(dtype)
 
-    def _linear(self, name: str, out_dim: int, in_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return self._randn(name, (out_dim, in_dim), in_dim**-0.5, device, dtype)
+    def _linear(self, name: str, out_dim: int, in_dim: int, device: torch.device, dtype: torch.dtype, residual: bool = False) -> torch.Tensor:
+        # Projections back into the residual stream get another 1/sqrt(2 x layers) (GPT-2's init):
+        # without it a deep random model amplifies bf16 rounding differences until two correct
+        # implementations (EP and replicated) give unrelated logits at 27 layers.
+        std = in_dim**-0.5 * ((2 * self.config.num_hidden_layers) ** -0.5 if residual else 1.0)
+        return self._randn(name, (out_dim, in_dim), std, device, dtype)
 
     def dense(self, device: torch.device, dtype: torch.dtype) -> DenseWeights:
         c, dev = self.config, torch.device(device)
@@ -141,7 +146,7 @@ class SyntheticWeights:
                 kv_a_proj=self._linear(f"{p}.kv_a_proj", c.kv_lora_rank + c.qk_rope_head_dim, h, dev, dtype),
                 kv_a_norm=ones(c.kv_lora_rank),
                 kv_b_proj=self._linear(f"{p}.kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, dev, dtype),
-                o_proj=self._linear(f"{p}.o_proj", h, heads * c.v_head_dim, dev, dtype),
+                o_proj=self._linear(f"{p}.o_proj", h, heads * c.v_head_dim, dev, dtype, residual=True),
             )
             if c.q_lora_rank is None:
                 attn.q_proj = self._linear(f"{p}.q_proj", heads * c.qk_head_dim, h, dev, dtype)
@@ -155,7 +160,7 @@ class SyntheticWeights:
             if inter:
                 mlp = MLPWeights(
                     gate_up=self._linear(f"{p}.mlp.gate_up", 2 * inter, h, dev, dtype),
-                    down=self._linear(f"{p}.mlp.down", h, inter, dev, dtype),
+                    down=self._linear(f"{p}.mlp.down", h, inter, dev, dtype, residual=True),
                 )
             router = None
             if moe:
@@ -175,7 +180,7 @@ class SyntheticWeights:
         if start == stop:
             return NVFP4Weights.empty(0, 2 * i, h, dev), NVFP4Weights.empty(0, h, i, dev)
         w13 = [self._linear(f"layers.{layer}.experts.{e}.w13", 2 * i, h, dev, torch.float32) for e in range(start, stop)]
-        w2 = [self._linear(f"layers.{layer}.experts.{e}.w2", h, i, dev, torch.float32) for e in range(start, stop)]
+        w2 = [self._linear(f"layers.{layer}.experts.{e}.w2", h, i, dev, torch.float32, residual=True) for e in range(start, stop)]
         return quantize(torch.stack(w13)), quantize(torch.stack(w2))
 
 
