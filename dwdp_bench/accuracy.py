@@ -278,8 +278,12 @@ def rank_main(ctx: RankContext, a: dict) -> None:
     out = Path(a["out"])
     writer = RowWriter(out, COLUMNS) if lead else None
     rows, samples, reference = [], {}, None
-    for name in ["replicated"] + [s for s in a["strategies"] if s != "replicated"]:
-        ctx.progress(f"{name}: building expert weights")
+    # replicated twice: the first run is the reference, the second measures how far two runs of the
+    # same strategy agree on this machine (GPU kernels need not be bitwise reproducible).
+    order = ["replicated"] + (["replicated-rerun"] if a["rerun_reference"] else []) + [s for s in a["strategies"] if s != "replicated"]
+    for label in order:
+        name = label.removesuffix("-rerun")
+        ctx.progress(f"{label}: building expert weights")
         strategy, model, _ = engine.strategy(name, options)
         text = TextEngine(ctx, model, tokenizer.decode, lockstep=name.startswith("ep"), batch_size=a["batch_size"], progress=ctx.progress)
         if lead:
@@ -290,7 +294,7 @@ def rank_main(ctx: RankContext, a: dict) -> None:
             finally:
                 lm.stop()
             seconds = time.perf_counter() - start
-            if name == "replicated":
+            if label == "replicated":
                 reference = lm.generations
             scores = results["results"][TASK]
             n = results["n-samples"][TASK]["effective"]
@@ -301,7 +305,7 @@ def rank_main(ctx: RankContext, a: dict) -> None:
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "task": "gsm8k",
                 "model": a["model"],
-                "strategy": name,
+                "strategy": label,
                 "world_size": ctx.world_size,
                 "device": a["device_name"],
                 "kernels": kernel_name,
@@ -319,7 +323,7 @@ def rank_main(ctx: RankContext, a: dict) -> None:
             }
             writer.write(row)
             rows.append(row)
-            samples[name] = [{"prompt_tail": k[-120:], "text": g.text, "tokens": g.tokens} for k, g in lm.generations.items()]
+            samples[label] = [{"prompt_tail": k[-120:], "text": g.text, "tokens": g.tokens} for k, g in lm.generations.items()]
         else:
             serve(ctx, text, tokenizer)
         strategy.close()

@@ -192,6 +192,7 @@ def gsm8k(
     timeout: float = typer.Option(300.0, help="Seconds without progress before a rank is declared hung."),
     out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/accuracy-<UTC time>.csv."),
     master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address."),
+    rerun_reference: bool = typer.Option(True, help="Run replicated a second time: how well two runs of one strategy agree is the floor the others are judged against."),
 ) -> None:
     """GSM8K through lm-eval's own task and filters, under each strategy, fully offline.
 
@@ -222,7 +223,7 @@ def gsm8k(
     args = {
         "model": model or ("synthetic:deepseek-v3-lite" if dev == "cuda" else "synthetic:tiny"),
         "layers": layers, "data": str(data), "train": str(train) if train else None, "limit": limit, "num_fewshot": num_fewshot,
-        "max_gen_toks": max_gen_toks, "batch_size": batch_size, "strategies": names, "reference": reference, "metric": metric,
+        "max_gen_toks": max_gen_toks, "batch_size": batch_size, "strategies": names, "rerun_reference": rerun_reference, "reference": reference, "metric": metric,
         "kernels": kernels, "dtype": dtype, "act_quant": act_quant == "nvfp4", "seed": seed, "device": dev, "device_name": device_name,
         "align": 1, "dwdp_size": None, "dwdp_local": None, "dwdp_prefetch": None, "slice_bytes": 0,
         "fault_delay_prefetch_s": 0.0, "fault_skip_prefetch_wait": False,

@@ -108,9 +108,11 @@ class KVCache:
     @staticmethod
     def allocate(cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         heads = cfg.num_attention_heads
+        # Zeros, not empty: decode attends over the longest sequence's span with a mask, and a masked
+        # position still multiplies its value row by a zero weight; garbage there can be NaN.
         return KVCache(
-            keys=[torch.empty(batch, max_len, heads, cfg.qk_head_dim, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
-            values=[torch.empty(batch, max_len, heads, cfg.v_head_dim, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
+            keys=[torch.zeros(batch, max_len, heads, cfg.qk_head_dim, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
+            values=[torch.zeros(batch, max_len, heads, cfg.v_head_dim, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)],
             lengths=torch.zeros(batch, dtype=torch.long),
         )
 

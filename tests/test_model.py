@@ -88,6 +88,9 @@ def test_decode_with_kv_cache_matches_prefill(name, seed):
     gen = torch.Generator().manual_seed(seed)
     full = [torch.randint(0, cfg.vocab_size, (n + new,), generator=gen) for n in lens]
     cache = KVCache.allocate(cfg, batch=3, max_len=16, device=torch.device("cpu"), dtype=torch.float32)
+    # Decode attends over the longest sequence's span under a mask; masked rows still get a zero
+    # weight times their value, so unwritten positions must be zero, never uninitialised memory.
+    assert all(bool((t == 0).all()) for t in cache.keys + cache.values)
     slots = torch.tensor([2, 0])  # any slots, in any order
     model.forward(torch.cat([f[:n] for f, n in zip(full, lens)]), lens, cache=cache, slots=slots)
     assert cache.lengths[slots].tolist() == lens
