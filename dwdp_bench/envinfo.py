@@ -69,9 +69,13 @@ def _git_commit() -> str | None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    head = _run(["git", "-C", str(root), "rev-parse", "HEAD"])
-    if head is None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
         return None
+    if done.returncode != 0:  # not a checkout (a copied tree, an installed wheel)
+        return None
+    head = done.stdout.strip()
     dirty = _run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
     return head + ("+dirty" if dirty else "")
 
