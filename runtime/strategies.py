@@ -316,8 +316,7 @@ class DWDP(Strategy):
         return self.local_arena.nbytes + self.buffer_arena.nbytes
 
     def transport_stats(self) -> dict[str, float]:
-        if self.ctx.is_cuda:
-            self.stream.stream.synchronize()
+        self.stream.synchronize()
         ms = sum(self.stream.elapsed_ms(a, b) for a, b in self._copy_windows)
         out = {"bytes": self._copied_bytes, "ms": ms}
         self._copy_windows, self._copied_bytes = [], 0

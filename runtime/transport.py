@@ -183,8 +183,11 @@ class CudaPrefetchStream:
     def elapsed_ms(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
         return start.elapsed_time(end)
 
-    def close(self) -> None:
+    def synchronize(self) -> None:
         self.stream.synchronize()
+
+    def close(self) -> None:
+        self.synchronize()
 
 
 class CpuEvent:
@@ -265,6 +268,10 @@ class CpuPrefetchStream:
     @staticmethod
     def elapsed_ms(start: CpuEvent, end: CpuEvent) -> float:
         return (end.time - start.time) * 1e3
+
+    def synchronize(self) -> None:
+        """Wait until everything queued so far has run."""
+        self.compute_wait(self.record())
 
     def close(self) -> None:
         self._tasks.put(("stop", None))
