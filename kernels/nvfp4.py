@@ -39,6 +39,7 @@ class NVFP4Weights:
 
     def __post_init__(self) -> None:
         e, n, half_k = self.packed.shape
+        check_k(2 * half_k)
         if self.packed.dtype != torch.uint8:
             raise TypeError(f"packed must be uint8, got {self.packed.dtype}")
         if self.block_scale.dtype != torch.float8_e4m3fn or tuple(self.block_scale.shape) != (e, n, half_k * 2 // BLOCK):
@@ -124,9 +125,9 @@ def quantize(w: torch.Tensor) -> NVFP4Weights:
         raise ValueError(f"expected expert weights [E, N, K], got shape {tuple(w.shape)}")
     e, n, k = w.shape
     check_k(k)
-    if not torch.isfinite(w).all():
-        raise ValueError("cannot quantise weights that contain inf or NaN")
     w32 = w.float()
+    if not torch.isfinite(w32).all():  # after the cast: float64 beyond float32's range is inf too
+        raise ValueError("cannot quantise weights that contain inf or NaN (or values beyond float32's range)")
     amax = w32.abs().amax(dim=(1, 2))
     global_scale = torch.where(amax > 0, E2M1_MAX * E4M3_MAX / amax, torch.ones_like(amax))
     blocks = w32.view(e, n, k // BLOCK, BLOCK)
@@ -157,4 +158,8 @@ def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
     not depend on which other tokens share its batch (replicated, DWDP and EP batch differently)."""
     if x.shape[0] == 0:
         return x
-    return dequantize(quantize(x.unsqueeze(1)), x.dtype).squeeze(1)
+    # Rows with inf/NaN pass through unchanged (a grouped GEMM leaves the rows past its last group
+    # undefined, and no token reads them); every finite row is quantised on its own.
+    finite = torch.isfinite(x).all(dim=1, keepdim=True)
+    q = dequantize(quantize(torch.where(finite, x, 0).unsqueeze(1)), x.dtype).squeeze(1)
+    return torch.where(finite, q, x)
