@@ -27,7 +27,9 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/bold red] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -83,8 +85,22 @@ def env(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write
         print(json.dumps({k: v for k, v in info.items() if k != "topology"}, default=str))
 
 
+SUITE_HELP = "A suite file or the name of a shipped suite (suites/*.toml); options given here override it."
+
+
+def _suite_values(ctx: typer.Context, command, suite: Optional[str], section: str, values: dict) -> dict:
+    from .suite import SuiteError, apply_suite
+
+    try:
+        return apply_suite(ctx, command, suite, section, values)
+    except SuiteError as e:
+        _fail(str(e))
+
+
 @app.command()
 def e2e(
+    ctx: typer.Context,
+    suite: Optional[str] = typer.Option(None, help=SUITE_HELP),
     gpus: Optional[int] = typer.Option(None, help="GPUs (one rank each) on this host. Default: all visible GPUs."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu. Default: cuda when a GPU is visible."),
     ranks: Optional[int] = typer.Option(None, help="Number of CPU ranks with --device cpu (default 2)."),
@@ -126,36 +142,37 @@ def e2e(
     from .launcher import LaunchError, launch
     from .results import default_path, sidecar, write_json
 
-    dev, n, device_name = resolve_ranks(gpus, device, ranks)
+    p = _suite_values(ctx, e2e, suite, "e2e", locals())
+    dev, n, device_name = resolve_ranks(p["gpus"], p["device"], p["ranks"])
     on_gpu = dev == "cuda"
+    if p["act_quant"] not in ("none", "nvfp4"):
+        _fail(f"--act-quant must be none or nvfp4, got {p['act_quant']!r}")
     args = {
-        "model": model or ("synthetic:deepseek-v3-lite" if on_gpu else "synthetic:tiny"),
-        "layers": layers,
-        "strategies": _csv_names(strategies, ("replicated", "dwdp", "ep", "ep-overlap"), "strategy"),
-        "cvs": _csv_floats(cv, "--cv"),
-        "isl": isl or (8192 if on_gpu else 48),
-        "max_tokens": max_tokens or (32768 if on_gpu else 192),
-        "requests_per_rank": requests_per_rank,
-        "repeats": repeats,
-        "warmup": warmup,
-        "kernels": kernels,
-        "dtype": dtype,
-        "act_quant": act_quant == "nvfp4",
-        "align": align,
-        "dwdp_size": dwdp_size,
-        "dwdp_local": dwdp_local,
-        "dwdp_prefetch": dwdp_prefetch,
-        "slice_bytes": int(slice_mib * 2**20),
-        "seed": seed,
-        "fault_delay_prefetch_s": fault_delay_prefetch,
-        "fault_skip_prefetch_wait": fault_skip_prefetch_wait,
-        "progress": progress,
+        "model": p["model"] or ("synthetic:deepseek-v3-lite" if on_gpu else "synthetic:tiny"),
+        "layers": p["layers"],
+        "strategies": _csv_names(p["strategies"], ("replicated", "dwdp", "ep", "ep-overlap"), "strategy"),
+        "cvs": _csv_floats(p["cv"], "--cv"),
+        "isl": p["isl"] or (8192 if on_gpu else 48),
+        "max_tokens": p["max_tokens"] or (32768 if on_gpu else 192),
+        "requests_per_rank": p["requests_per_rank"],
+        "repeats": p["repeats"],
+        "warmup": p["warmup"],
+        "kernels": p["kernels"],
+        "dtype": p["dtype"],
+        "act_quant": p["act_quant"] == "nvfp4",
+        "align": p["align"],
+        "dwdp_size": p["dwdp_size"],
+        "dwdp_local": p["dwdp_local"],
+        "dwdp_prefetch": p["dwdp_prefetch"],
+        "slice_bytes": int(p["slice_mib"] * 2**20),
+        "seed": p["seed"],
+        "fault_delay_prefetch_s": p["fault_delay_prefetch"],
+        "fault_skip_prefetch_wait": p["fault_skip_prefetch_wait"],
+        "progress": p["progress"],
         "device": dev,
         "device_name": device_name,
-        "out": str(default_path("e2e", out)),
+        "out": str(default_path("e2e", p["out"])),
     }
-    if act_quant not in ("none", "nvfp4"):
-        _fail(f"--act-quant must be none or nvfp4, got {act_quant!r}")
     try:
         validate(args, n)
     except ValueError as e:
@@ -164,13 +181,15 @@ def e2e(
 
     write_json(sidecar(Path(args["out"]), "env"), {"command": "e2e", "args": plan_summary(args), "env": collect()})
     try:
-        launch("e2e", args, n, dev, timeout, master_addr)
+        launch("e2e", args, n, dev, p["timeout"], p["master_addr"])
     except LaunchError as e:
         _fail(str(e), code=1)
 
 
 @accuracy_app.command("gsm8k")
 def gsm8k(
+    ctx: typer.Context,
+    suite: Optional[str] = typer.Option(None, help=SUITE_HELP),
     model: Optional[str] = typer.Option(None, help="synthetic:<config> or a checkpoint directory (tokenizer from the same directory). Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
     data: Optional[Path] = typer.Option(None, help="GSM8K test file: .jsonl or .parquet with question/answer (upstream format). Required; nothing is downloaded."),
     train: Optional[Path] = typer.Option(None, help="File to draw few-shot examples from. Default: the test file, never the question itself."),
@@ -208,34 +227,78 @@ def gsm8k(
     from .launcher import LaunchError, launch
     from .results import default_path, sidecar, write_json
 
-    dev, n, device_name = resolve_ranks(gpus, device, ranks)
-    names = _csv_names(strategies, ("replicated", "dwdp", "ep", "ep-overlap"), "strategy")
+    p = _suite_values(ctx, gsm8k, suite, "accuracy", locals())
+    dev, n, device_name = resolve_ranks(p["gpus"], p["device"], p["ranks"])
+    names = _csv_names(p["strategies"], ("replicated", "dwdp", "ep", "ep-overlap"), "strategy")
     if "ep-overlap" in names:
         _fail("accuracy runs replicated, dwdp and ep; ep-overlap computes the same as ep")
-    if metric not in ("strict-match", "flexible-extract"):
-        _fail(f"--metric must be strict-match or flexible-extract, got {metric!r}")
+    if p["metric"] not in ("strict-match", "flexible-extract"):
+        _fail(f"--metric must be strict-match or flexible-extract, got {p['metric']!r}")
     try:
-        data = check_data(data)
-        if train is not None:
-            check_data(train)
+        data = check_data(p["data"])
+        if p["train"] is not None:
+            check_data(p["train"])
     except ValueError as e:
         _fail(str(e))
     args = {
-        "model": model or ("synthetic:deepseek-v3-lite" if dev == "cuda" else "synthetic:tiny"),
-        "layers": layers, "data": str(data), "train": str(train) if train else None, "limit": limit, "num_fewshot": num_fewshot,
-        "max_gen_toks": max_gen_toks, "batch_size": batch_size, "strategies": names, "rerun_reference": rerun_reference, "reference": reference, "metric": metric,
-        "kernels": kernels, "dtype": dtype, "act_quant": act_quant == "nvfp4", "seed": seed, "device": dev, "device_name": device_name,
+        "model": p["model"] or ("synthetic:deepseek-v3-lite" if dev == "cuda" else "synthetic:tiny"),
+        "layers": p["layers"], "data": str(data), "train": str(p["train"]) if p["train"] else None, "limit": p["limit"],
+        "num_fewshot": p["num_fewshot"], "max_gen_toks": p["max_gen_toks"], "batch_size": p["batch_size"], "strategies": names,
+        "rerun_reference": p["rerun_reference"], "reference": p["reference"], "metric": p["metric"], "kernels": p["kernels"],
+        "dtype": p["dtype"], "act_quant": p["act_quant"] == "nvfp4", "seed": p["seed"], "device": dev, "device_name": device_name,
         "align": 1, "dwdp_size": None, "dwdp_local": None, "dwdp_prefetch": None, "slice_bytes": 0,
         "fault_delay_prefetch_s": 0.0, "fault_skip_prefetch_wait": False,
-        "out": str(default_path("accuracy", out)),
+        "out": str(default_path("accuracy", p["out"])),
     }
     from .envinfo import collect
 
     write_json(sidecar(Path(args["out"]), "env"), {"command": "accuracy gsm8k", "args": plan_summary(args), "env": collect()})
     try:
-        launch("accuracy", args, n, dev, timeout, master_addr)
+        launch("accuracy", args, n, dev, p["timeout"], p["master_addr"])
     except LaunchError as e:
         _fail(str(e), code=1)
+
+
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(..., help="Results CSVs (e2e, accuracy); an e2e CSV's .timeline.json is read too."),
+    out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and summary.md. Default: results/report-<UTC time>/."),
+) -> None:
+    """Plots and a Markdown summary: tokens/s per GPU vs length spread per strategy, a per-rank
+    timeline of one pass (computing vs waiting on collectives vs waiting on prefetches), the medians
+    per (strategy, spread), and accuracy rows."""
+    import time
+
+    from .gate import Unusable
+    from .report import build
+
+    out = out or Path("results") / f"report-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    try:
+        summary = build(results, out)
+    except Unusable as e:
+        _fail(str(e))
+    Console().print(f"wrote {summary} and its plots in {out}")
+
+
+@app.command()
+def gate(
+    results: list[Path] = typer.Argument(..., help="Results CSVs to judge (e2e and/or accuracy)."),
+    reference: Path = typer.Option(..., help="Checks with bounds and tolerances, e.g. results/reference/cpu-tiny.toml."),
+) -> None:
+    """CI gate: judge results against committed references. Exit 0 when every check passes, 1 on a
+    regression, 2 when the input cannot be judged (unknown file, missing column, a check that
+    matches no row, a row no check covers). Prints each check with its value, bound and delta."""
+    from .gate import Unusable, evaluate, load_checks, load_results, table
+
+    try:
+        outcomes = evaluate(load_results(results), load_checks(reference))
+    except Unusable as e:
+        _fail(str(e), code=2)
+    Console().print(table(outcomes))
+    failed = [o.name for o in outcomes if not o.passed]
+    if failed:
+        _fail(f"{len(failed)} of {len(outcomes)} checks failed: {'; '.join(failed)}", code=1)
+    Console().print(f"all {len(outcomes)} checks passed")
 
 
 def main() -> None:

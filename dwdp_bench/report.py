@@ -1,0 +1,129 @@
+"""`dwdp-bench report`: PNG plots and a Markdown summary of results CSVs.
+
+    e2e-throughput-<n>.png   tokens/s per GPU vs length spread, per strategy (median, min-max bars)
+    e2e-timeline-<n>.png     one pass per strategy and rank: computing vs waiting on collectives or
+                             on prefetches (from the CSV's .timeline.json)
+    summary.md               the medians per (strategy, spread), accuracy rows, and the plots
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .gate import load_results  # noqa: E402
+from .results import sidecar  # noqa: E402
+
+STRATEGY_COLORS = {"replicated": "#7f7f7f", "dwdp": "#1f77b4", "ep": "#d62728", "ep-overlap": "#ff7f0e"}
+WAIT_COLORS = {"wait:collective": "#d62728", "wait:prefetch": "#ff7f0e"}
+COMPUTE_COLOR = "#4c9f70"
+
+
+def e2e_medians(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby(["model", "world_size", "cv", "strategy"])
+    out = g["tps_per_gpu"].agg(["median", "min", "max", "count"]).reset_index()
+    for col in ("ttft_p90_s", "wait_collective_ms_mean", "wait_prefetch_ms_mean", "exposed_prefetch_pct", "peak_mem_gib_max", "expert_gib_per_rank", "logit_rel_diff"):
+        out[col] = g[col].median().values
+    best_ep = out[out.strategy.isin(["ep", "ep-overlap"])].groupby(["model", "world_size", "cv"])["median"].max().rename("best_ep")
+    repl = out[out.strategy == "replicated"].set_index(["model", "world_size", "cv"])["median"].rename("replicated")
+    out = out.join(best_ep, on=["model", "world_size", "cv"]).join(repl, on=["model", "world_size", "cv"])
+    out["x_best_ep"] = out["median"] / out["best_ep"]
+    out["x_replicated"] = out["median"] / out["replicated"]
+    return out
+
+
+def plot_throughput(med: pd.DataFrame, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy, rows in med.groupby("strategy"):
+        rows = rows.sort_values("cv")
+        ax.errorbar(
+            rows.cv, rows["median"], yerr=[rows["median"] - rows["min"], rows["max"] - rows["median"]],
+            marker="o", capsize=3, label=strategy, color=STRATEGY_COLORS.get(strategy),
+        )
+    ax.set_xlabel("input length spread (coefficient of variation)")
+    ax.set_ylabel("prefill tokens / s / GPU")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(timeline: dict, path: Path) -> str | None:
+    """One pass per strategy (at the largest spread in the file): a row per rank, computing in green,
+    waiting on collectives in red, waiting on prefetches in orange. Returns the spread shown."""
+    runs = timeline.get("runs", [])
+    if not runs:
+        return None
+    cv = max(r["cv"] for r in runs)
+    runs = [r for r in runs if r["cv"] == cv]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 + 0.6 * sum(len(r["ranks"]) for r in runs)), sharex=True)
+    axes = axes if len(runs) > 1 else [axes]
+    for ax, run in zip(axes, runs):
+        for rank, intervals in enumerate(run["ranks"]):
+            compute = [(s, d) for what, _, s, d in intervals if what not in WAIT_COLORS and what not in ("start", "end")]
+            ax.broken_barh(compute, (rank - 0.4, 0.8), color=COMPUTE_COLOR, linewidth=0)
+            for kind, color in WAIT_COLORS.items():
+                ax.broken_barh([(s, d) for what, _, s, d in intervals if what == kind], (rank - 0.4, 0.8), color=color, linewidth=0)
+        ax.set_yticks(range(len(run["ranks"])), [f"rank {r}" for r in range(len(run["ranks"]))])
+        ax.set_ylabel(run["strategy"], rotation=0, ha="right", va="center")
+    axes[-1].set_xlabel("ms since the pass started")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (COMPUTE_COLOR, *WAIT_COLORS.values())]
+    fig.legend(handles, ["computing", "waiting: collectives", "waiting: prefetch"], loc="upper right", ncol=3, fontsize=8)
+    fig.suptitle(f"one pass per strategy, CV {cv:g}: where each rank's time goes", fontsize=10, x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"{cv:g}"
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None or pd.isna(v) else format(v, spec)
+
+
+def build(paths: list[Path], out_dir: Path) -> Path:
+    results = load_results(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# dwdp-bench report", "", "Sources: " + ", ".join(f"`{p}`" for p in paths), ""]
+    if "e2e" in results:
+        df = results["e2e"]
+        for i, (source, part) in enumerate(df.groupby("_source")):
+            med = e2e_medians(part)
+            name = f"e2e-throughput-{i}.png"
+            plot_throughput(med, out_dir / name, f"{part.model.iloc[0]} on {part.device.iloc[0]}")
+            lines += [f"## e2e: `{source}`", "", f"![throughput]({name})", ""]
+            lines += ["| CV | strategy | tok/s/GPU (median) | min-max | x best EP | x replicated | TTFT p90 s | wait ms/rank | exposed prefetch % MoE | peak GiB | expert GiB/rank | logit rel err |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for _, r in med.sort_values(["cv", "strategy"]).iterrows():
+                wait = (r.wait_collective_ms_mean or 0) + (r.wait_prefetch_ms_mean or 0)
+                lines.append(
+                    f"| {r.cv:g} | {r.strategy} | {r['median']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {_fmt(r.x_best_ep, '.3f')} | {_fmt(r.x_replicated, '.3f')} | "
+                    f"{_fmt(r.ttft_p90_s, '.2f')} | {wait:.1f} | {_fmt(r.exposed_prefetch_pct, '.2f')} | {_fmt(r.peak_mem_gib_max, '.1f')} | "
+                    f"{_fmt(r.expert_gib_per_rank, '.2f')} | {_fmt(r.logit_rel_diff, '.1e')} |"
+                )
+            timeline_file = sidecar(Path(source), "timeline")
+            if timeline_file.is_file():
+                tname = f"e2e-timeline-{i}.png"
+                cv = plot_timeline(json.loads(timeline_file.read_text()), out_dir / tname)
+                if cv is not None:
+                    lines += ["", f"Per-rank timeline of the last repeat at CV {cv} (green: computing; red: waiting on collectives; orange: waiting on prefetches):", "", f"![timeline]({tname})"]
+            lines.append("")
+    if "accuracy" in results:
+        df = results["accuracy"]
+        lines += ["## accuracy", "", "| source | strategy | questions | strict % | flexible % | passed | identical | first divergence | prefill logit rel err |", "|---|---|---|---|---|---|---|---|---|"]
+        for _, r in df.iterrows():
+            lines.append(
+                f"| `{Path(r._source).name}` | {r.strategy} | {r.questions} | {r.strict_match:.2f} | {r.flexible_extract:.2f} | {_fmt(r.passed, '')} | "
+                f"{_fmt(r.identical_fraction, '.3f')} | {_fmt(r.first_divergence_median, 'g')} | {_fmt(r.prefill_logit_rel, '.2e')} |"
+            )
+        lines.append("")
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(lines))
+    return summary

@@ -1,0 +1,104 @@
+"""The CI gate for real (e2e and accuracy on 2 CPU ranks against the committed CPU reference), and
+planted regressions that must make it fail."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from e2e_helpers import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_REFERENCE = ROOT / "results" / "reference" / "cpu-tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def ci_results(tmp_path_factory):
+    """What CI gates: `--suite ci-cpu` for e2e and accuracy (tiny model, 2 CPU ranks)."""
+    d = tmp_path_factory.mktemp("ci")
+    e2e, acc = d / "e2e.csv", d / "accuracy.csv"
+    for command, out in ((["e2e"], e2e), (["accuracy", "gsm8k"], acc)):
+        done = cli(*command, "--suite", "ci-cpu", "--out", str(out), "--timeout", "120", *(["--no-progress"] if command == ["e2e"] else []))
+        assert done.returncode == 0, done.stderr[-3000:]
+    return e2e, acc
+
+
+def gate(*paths, reference=CPU_REFERENCE):
+    return cli("gate", *map(str, paths), "--reference", str(reference), timeout=120)
+
+
+def test_ci_results_pass_the_cpu_gate(ci_results):
+    done = gate(*ci_results)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checks passed" in done.stdout
+
+
+def _planted(tmp_path, source: Path, change) -> Path:
+    df = pd.read_csv(source)
+    change(df)
+    out = tmp_path / source.name
+    df.to_csv(out, index=False)
+    timeline = source.with_name(source.stem + ".timeline.json")
+    if timeline.exists():
+        shutil.copy(timeline, tmp_path / timeline.name)
+    return out
+
+
+def _set(strategy: str, column: str, value=None, scale=None):
+    """A planted change: one strategy's rows get a new value, or their value scaled."""
+
+    def change(df):
+        rows = df.strategy == strategy
+        df.loc[rows, column] = df.loc[rows, column] * scale if scale is not None else value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "which, change, failing",
+    [
+        ("e2e", _set("dwdp", "tps_per_gpu", scale=0.2), "DWDP throughput vs replicated"),  # a slower strategy
+        ("e2e", _set("dwdp", "logit_max_abs_diff", value=0.25), "DWDP logits identical"),  # a changed logit
+        ("e2e", _set("ep", "logit_rel_diff", value=0.3), "EP logits"),
+        ("accuracy", _set("dwdp", "identical_fraction", value=0.5), "DWDP generates identical tokens"),
+    ],
+)
+def test_planted_regressions_fail_the_gate(tmp_path, ci_results, which, change, failing):
+    e2e, acc = ci_results
+    if which == "e2e":
+        e2e = _planted(tmp_path, e2e, change)
+    else:
+        acc = _planted(tmp_path, acc, change)
+    done = gate(e2e, acc)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failing in " ".join((done.stdout + done.stderr).split())
+
+
+def test_unusable_input_exits_2(tmp_path, ci_results):
+    e2e, acc = ci_results
+    missing = _planted(tmp_path, e2e, lambda df: df.pop("logit_max_abs_diff"))
+    done = gate(missing, acc)
+    assert done.returncode == 2 and "logit_max_abs_diff" in done.stderr
+    stray = _planted(tmp_path, e2e, _set("ep-overlap", "strategy", value="mystery"))
+    done = gate(stray, acc)
+    assert done.returncode == 2 and "match no reference check" in " ".join(done.stderr.split())
+    done = gate(e2e)  # the accuracy checks have nothing to judge
+    assert done.returncode == 2 and "accuracy" in done.stderr
+    not_results = tmp_path / "other.csv"
+    not_results.write_text("a,b\n1,2\n")
+    assert gate(not_results, acc).returncode == 2
+
+
+def test_committed_h200_results_pass_their_reference_and_make_plots(tmp_path):
+    h200 = ROOT / "results" / "h200x2"
+    runs = [h200 / "e2e_h200x2.csv", h200 / "accuracy_h200x2.csv"]
+    done = gate(*runs, reference=ROOT / "results" / "reference" / "h200x2.toml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "report"
+    done = cli("report", *map(str, runs), "--out", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("e2e-throughput-0.png", "e2e-timeline-0.png"):
+        assert (out / name).stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "| 0.2 | dwdp | 42700 |" in summary and "replicated-rerun" in summary
