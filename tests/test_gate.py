@@ -50,6 +50,8 @@ def _set(strategy: str, column: str, value=None, scale=None):
 
     def change(df):
         rows = df.strategy == strategy
+        if isinstance(value, float) or scale is not None:
+            df[column] = df[column].astype(float)
         df.loc[rows, column] = df.loc[rows, column] * scale if scale is not None else value
 
     return change
