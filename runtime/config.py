@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,9 @@ class ModelConfig:
             problems.append(
                 f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers={self.num_hidden_layers}]"
             )
-        if self.n_routed_experts % self.n_group:
+        if self.n_group < 1:
+            problems.append(f"n_group={self.n_group} must be >= 1")
+        elif self.n_routed_experts % self.n_group:
             problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
             problems.append(f"topk_group={self.topk_group} must lie in [1, n_group={self.n_group}]")
@@ -101,9 +103,10 @@ class ModelConfig:
         """A copy with fields replaced; `layers=` is short for num_hidden_layers."""
         if "layers" in overrides:
             overrides["num_hidden_layers"] = overrides.pop("layers")
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = set(overrides) - set(known)
         if unknown:
-            raise ValueError(f"unknown model config field(s): {sorted(unknown)}")
+            raise ValueError(f"unknown model config field(s) {sorted(unknown)}; the fields are: {', '.join(known)}")
         cfg = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
         cfg.validate()
         return cfg
@@ -161,7 +164,11 @@ class ModelConfig:
         if hf.get("topk_method", "noaux_tc") != "noaux_tc" or hf.get("scoring_func", "sigmoid") != "sigmoid":
             raise ValueError(f"{file}: only sigmoid scoring with noaux_tc top-k routing (DeepSeek-V3) is implemented")
         scaling = None
-        rs = hf.get("rope_scaling") or None
+        # DeepSeek's config.json has rope_theta and rope_scaling at the top level; transformers 5 writes
+        # both inside rope_parameters (with rope_type "default" when there is no scaling).
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        rs = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if rs:
             kind = rs.get("type", rs.get("rope_type"))
             if kind != "yarn":
@@ -196,7 +203,7 @@ class ModelConfig:
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
             vocab_size=hf["vocab_size"],
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 163840)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -9,6 +9,7 @@ experts it holds and nothing more.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -207,6 +208,8 @@ class CheckpointWeights:
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
         self.config = ModelConfig.from_hf_config(self.path)
+        quant = json.loads((self.path / "config.json").read_text()).get("quantization_config") or {}
+        self.fp8_block = tuple(quant.get("weight_block_size", (128, 128)))  # DeepSeek's fp8 checkpoints: 128 x 128
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{self.path} holds no *.safetensors files")
@@ -236,7 +239,7 @@ class CheckpointWeights:
         if t.dtype == torch.uint8:
             raise ValueError(f"tensor {name!r} is NVFP4-packed; only routed experts may be NVFP4 in this loader")
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            t = _dequantize_fp8_blocks(t, self._raw(name + "_scale_inv"), name)
+            t = _dequantize_fp8_blocks(t, self._raw(name + "_scale_inv"), name, self.fp8_block)
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r} in {self.path} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         return t.to(device=device, dtype=dtype)
@@ -329,12 +332,16 @@ class CheckpointWeights:
         return t
 
 
-def _dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, name: str) -> torch.Tensor:
-    """DeepSeek's fp8 checkpoints: one fp32 scale per 128 x 128 block (`weight_scale_inv`)."""
+def _dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, name: str, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek's fp8 checkpoints: one fp32 scale (`weight_scale_inv`) per block of 128 x 128, the last
+    block of a dimension possibly partial (kv_a_proj_with_mqa has 576 rows: 5 blocks)."""
     n, k = w.shape
-    bn, bk = -(-n // scale_inv.shape[0]), -(-k // scale_inv.shape[1])
-    if scale_inv.shape != (-(-n // bn), -(-k // bk)):
-        raise ValueError(f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, which does not tile {name} {tuple(w.shape)}")
+    bn, bk = block
+    if tuple(scale_inv.shape) != (-(-n // bn), -(-k // bk)):
+        raise ValueError(
+            f"{name}_scale_inv has shape {tuple(scale_inv.shape)}; {bn} x {bk} blocks of {name} {tuple(w.shape)} "
+            f"need {(-(-n // bn), -(-k // bk))}"
+        )
     full = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
     return w.float() * full
 

@@ -28,6 +28,8 @@ def hang_on(ctx, args):
     if ctx.rank == args["rank"]:
         while True:  # no progress, no exit
             time.sleep(0.1)
+    time.sleep(0.5)
+    ctx.progress("waiting for the others")  # healthy ranks report later than the hung one
     ctx.barrier()
 
 
