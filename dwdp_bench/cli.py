@@ -260,6 +260,58 @@ def gsm8k(
 
 
 @app.command()
+def kernels(
+    ctx: typer.Context,
+    suite: Optional[str] = typer.Option(None, help=SUITE_HELP),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu. Default: cuda when a GPU is visible."),
+    models: Optional[str] = typer.Option(None, help="Model shapes, comma-separated. Default: deepseek-v3-lite,deepseek-v3 on GPU, tiny on CPU."),
+    tokens: Optional[str] = typer.Option(None, help="Tokens per case (routed rows = tokens x top-k), comma-separated. Default: 1024,8192,32768,65536 on GPU, 64,256 on CPU."),
+    skew: str = typer.Option("0,2", help="Routing skew per case: 0 = uniform expert load; 2 = the first experts get far more tokens."),
+    impls: Optional[str] = typer.Option(None, help="Kernel implementations to time. Default: every one that runs on the device (torch, grouped)."),
+    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/kernels-<UTC time>.csv."),
+    seed: int = typer.Option(0, help="Seed of the random inputs and weights."),
+) -> None:
+    """MoE kernel microbenchmarks on one device: FC1 (gather + grouped GEMM + SwiGLU) and FC2 (grouped
+    GEMM + finalize) per implementation, with time, TFLOP/s and the fraction of a dense bf16 matmul's
+    speed with the same FLOPs (the ceiling), next to the GEMM alone on pre-decoded weights
+    (torch._grouped_mm) measured in the same run. One CSV row per (case, stage, implementation).
+    The Hopper CuTe DSL kernels and the transport cases (DWDP prefetch, EP all-to-all) are not here yet.
+    """
+    import torch
+
+    from .kernelbench import COLUMNS, Case, available_impls, run_case, table
+    from .results import RowWriter, default_path
+
+    p = _suite_values(ctx, kernels, suite, "kernels", locals())
+    dev = torch.device(p["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail("no CUDA GPU is visible here; use --device cpu")
+    gpu = dev.type == "cuda"
+    model_names = [m.strip() for m in (p["models"] or ("deepseek-v3-lite,deepseek-v3" if gpu else "tiny")).split(",") if m.strip()]
+    token_counts = [int(t) for t in _csv_floats(p["tokens"] or ("1024,8192,32768,65536" if gpu else "64,256"), "--tokens")]
+    names = _csv_names(p["impls"], available_impls(dev), "kernel implementation") if p["impls"] else available_impls(dev)
+    if "torch" not in names:
+        names = ["torch", *names]  # the reference every ratio is taken against
+    from .runtime.config import get_config
+
+    try:
+        for m in model_names:
+            get_config(m)
+    except ValueError as e:
+        _fail(str(e))
+    writer = RowWriter(default_path("kernels", p["out"]), COLUMNS)
+    rows = []
+    cases = [Case(m, t, s) for m in model_names for t in token_counts for s in _csv_floats(p["skew"], "--skew")]
+    for i, case in enumerate(cases):
+        console.print(f"[{i + 1}/{len(cases)}] {case.model} tokens={case.tokens} skew={case.skew:g}")
+        for row in run_case(case, dev, names, p["seed"]):
+            writer.write(row)
+            rows.append(row)
+    Console().print(table(rows))
+    Console().print(f"rows: {writer.path}")
+
+
+@app.command()
 def report(
     results: list[Path] = typer.Argument(..., help="Results CSVs (e2e, accuracy); an e2e CSV's .timeline.json is read too."),
     out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and summary.md. Default: results/report-<UTC time>/."),

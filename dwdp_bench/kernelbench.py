@@ -1,0 +1,112 @@
+"""`dwdp-bench kernels`: the MoE kernels on one device, against baselines measured in the same run.
+
+Per case (model shapes, tokens, routing skew) and stage (FC1 = gather + grouped GEMM + SwiGLU, FC2 =
+grouped GEMM + finalize), each implementation's median time and TFLOP/s, next to
+
+    bf16-grouped-gemm   torch._grouped_mm on weights decoded beforehand: the GEMM alone
+    dense-bf16          one cuBLAS (or CPU) bf16 matmul with the same FLOPs: the ceiling
+
+FLOPs count only the rows tokens use (2 x rows x N x K). Inputs are fresh random data (never zeros);
+GPU times are CUDA-event medians from triton.testing.do_bench after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from rich.table import Table
+
+from .kernels import KERNEL_NAMES, WeightView, build_plan, get_kernels
+from .kernels.nvfp4 import NVFP4Weights, quantize
+from .kernels.reference import decode_view, grouped_gemm
+from .runtime.config import get_config
+
+COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "stage", "impl", "ms", "tflops", "frac_ceiling", "x_vs_torch"]
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    tokens: int
+    skew: float  # 0: uniform expert load; larger: expert e's logit gets skew * (1 - 2e/E)
+
+
+def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds per call."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _experts(e: int, n: int, k: int, device: torch.device, gen: torch.Generator) -> NVFP4Weights:
+    """Random NVFP4 experts, quantised a few experts at a time to bound the fp32 temporary."""
+    chunk = max(1, (1 << 28) // (n * k))
+    parts = [quantize(torch.randn(min(chunk, e - s), n, k, device=device, generator=gen) * k**-0.5) for s in range(0, e, chunk)]
+    return NVFP4Weights(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
+
+
+def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> list[dict]:
+    cfg = get_config(case.model)
+    e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(case.tokens, h, device=device, generator=gen).bfloat16()
+    logits = torch.randn(case.tokens, e, device=device, generator=gen) + case.skew * torch.linspace(1, -1, e, device=device)
+    weights, idx = torch.softmax(logits, -1).topk(k, dim=-1)
+    plan = build_plan(idx, weights, e)
+    w13, w2 = WeightView([_experts(e, 2 * inter, h, device, gen)]), WeightView([_experts(e, h, inter, device, gen)])
+    rows = case.tokens * k
+    flops = {"fc1": 2 * rows * h * 2 * inter, "fc2": 2 * rows * inter * h}
+    hidden = get_kernels("torch", device).fc1(x, plan, w13)
+    dec13, dec2 = decode_view(w13, torch.bfloat16), decode_view(w2, torch.bfloat16)
+    gathered = x[plan.row_token]
+    dense_a = {"fc1": torch.randn(rows, h, device=device, generator=gen).bfloat16(), "fc2": torch.randn(rows, inter, device=device, generator=gen).bfloat16()}
+    dense_b = {"fc1": torch.randn(h, 2 * inter, device=device, generator=gen).bfloat16(), "fc2": torch.randn(inter, h, device=device, generator=gen).bfloat16()}
+    timings: dict[tuple[str, str], float] = {}
+    for stage in ("fc1", "fc2"):
+        timings[(stage, "dense-bf16")] = bench(lambda: dense_a[stage] @ dense_b[stage], device)
+        timings[(stage, "bf16-grouped-gemm")] = bench(
+            (lambda: grouped_gemm(gathered, dec13, plan)) if stage == "fc1" else (lambda: grouped_gemm(hidden, dec2, plan)), device
+        )
+        for name in impls:
+            kern = get_kernels(name, device)
+            timings[(stage, name)] = bench((lambda: kern.fc1(x, plan, w13)) if stage == "fc1" else (lambda: kern.fc2(hidden, plan, w2)), device)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = []
+    for (stage, impl), ms in timings.items():
+        tflops = flops[stage] / (ms * 1e-3) / 1e12
+        out.append(
+            {
+                "timestamp": stamp, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": case.model,
+                "tokens": case.tokens, "skew": case.skew, "routed_rows": rows, "stage": stage, "impl": impl, "ms": ms, "tflops": tflops,
+                "frac_ceiling": timings[(stage, "dense-bf16")] / ms, "x_vs_torch": timings[(stage, "torch")] / ms if (stage, "torch") in timings else None,
+            }
+        )
+    return out
+
+
+def available_impls(device: torch.device) -> list[str]:
+    return [n for n in KERNEL_NAMES if n == "torch" or device.type == "cuda"]
+
+
+def table(rows: list[dict]) -> Table:
+    t = Table(title="MoE kernels: median time, TFLOP/s, fraction of the dense bf16 ceiling")
+    for col in ("model", "tokens", "skew", "stage", "impl", "ms", "TFLOP/s", "x ceiling", "x torch"):
+        t.add_column(col, justify="left" if col in ("model", "stage", "impl") else "right")
+    for r in rows:
+        t.add_row(
+            r["model"], str(r["tokens"]), f"{r['skew']:g}", r["stage"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
+            f"{r['frac_ceiling']:.2f}", "" if r["x_vs_torch"] is None else f"{r['x_vs_torch']:.2f}",
+        )
+    return t
