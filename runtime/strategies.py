@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .model import Steps
 from .timeline import WAIT_COLLECTIVE, WAIT_PREFETCH, Timeline
 from .transport import Arena, Copy, PeerArena, align_up, prefetch_stream
-from .weights import WeightSource, expert_nbytes
+from .weights import WeightSource
 
 STRATEGIES = ("replicated", "dwdp", "ep", "ep-overlap")
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pandas as pd
+import torch
 import pytest
 
 from dwdp_bench.accuracy import detectable_drop, merge_round_robin, pass_threshold, split_round_robin
@@ -75,3 +76,30 @@ def test_round_robin_split_and_merge_are_inverse(n, world):
     parts = split_round_robin(items, world)
     assert len(parts) == world and sum(map(len, parts)) == n
     assert merge_round_robin(parts, n) == items
+
+
+def test_real_checkpoint_path_scores_end_to_end(tmp_path):
+    """A tiny DeepSeek-V3 checkpoint with its own tokenizer, written here: scores per strategy (near
+    zero for random weights) and pass/fail against a reference by the one-sided test."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from checkpoints import synthetic_checkpoint, write_checkpoint
+    from dwdp_bench.runtime.config import get_config
+    from dwdp_bench.runtime.weights import SyntheticWeights
+
+    cfg = get_config("tiny", vocab_size=320)
+    path = write_checkpoint(tmp_path / "ckpt", cfg, synthetic_checkpoint(SyntheticWeights(cfg, seed=3), experts="bf16", dtype=torch.bfloat16))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([q + " " + a for q, a in QUESTIONS] * 4, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>").save_pretrained(path)
+    data = write_gsm8k(tmp_path / "gsm8k.jsonl")
+    done, out = run(tmp_path, "--ranks", "2", "--model", str(path), "--data", str(data), "--reference", "63.71", "--strategies", "replicated,dwdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"replicated", "replicated-rerun", "dwdp"}
+    for r in rows.values():
+        assert int(r["questions"]) == len(QUESTIONS)
+        assert float(r["pass_threshold"]) == pytest.approx(pass_threshold(63.71, len(QUESTIONS)), rel=1e-5)  # CSV keeps 6 digits
+        assert r["passed"] == str(float(r["flexible_extract"]) >= float(r["pass_threshold"]))
+    assert float(rows["dwdp"]["identical_fraction"]) == 1.0

@@ -10,11 +10,14 @@ from e2e_helpers import cli
 @pytest.mark.parametrize(
     "command, phrases",
     [
-        ([], ["env", "e2e", "accuracy", "DWDP"]),
+        ([], ["env", "e2e", "accuracy", "kernels", "report", "gate", "DWDP"]),
         (["env"], ["GPUs", "JSON"]),
         (["e2e"], ["--gpus", "--strategies", "--cv", "--dwdp-local", "--timeout", "tokens/s"]),
         (["accuracy"], ["gsm8k"]),
-        (["accuracy", "gsm8k"], ["--data", "--reference", "--limit", "agreement", "lm-eval"]),
+        (["accuracy", "gsm8k"], ["--data", "--reference", "--limit", "agreement", "lm-eval", "--suite"]),
+        (["kernels"], ["FC1", "FC2", "ceiling", "--tokens", "--skew", "--suite"]),
+        (["report"], ["timeline", "spread", "--out"]),
+        (["gate"], ["--reference", "Exit 0", "regression"]),
     ],
 )
 def test_help_explains(command, phrases):
