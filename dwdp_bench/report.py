@@ -3,6 +3,8 @@
     e2e-throughput-<n>.png   tokens/s per GPU vs length spread, per strategy (median, min-max bars)
     e2e-timeline-<n>.png     one pass per strategy and rank: computing vs waiting on collectives or
                              on prefetches (from the CSV's .timeline.json)
+    kernels-<model>.png      TFLOP/s vs routed rows per implementation, FC1 and FC2, with the GEMM-alone
+                             baseline and the dense bf16 ceiling
     summary.md               the medians per (strategy, spread), accuracy rows, and the plots
 """
 
@@ -84,6 +86,26 @@ def plot_timeline(timeline: dict, path: Path) -> str | None:
     return f"{cv:g}"
 
 
+def plot_kernels(df: pd.DataFrame, path: Path, model: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, stage in zip(axes, ("fc1", "fc2")):
+        part = df[(df.stage == stage) & (df["skew"] == df["skew"].min())]
+        for impl, rows in part.groupby("impl"):
+            rows = rows.sort_values("routed_rows")
+            style = {"dense-bf16": dict(color="black", linestyle="--"), "bf16-grouped-gemm": dict(color="#7f7f7f", linestyle=":")}.get(impl, {})
+            ax.plot(rows.routed_rows, rows.tflops, marker="o", label=impl, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("routed rows (tokens x top-k)")
+        ax.set_title(f"{stage.upper()}, uniform routing", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"MoE kernels, {model} shapes on {df.device.iloc[0]} (dense-bf16: the ceiling)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _fmt(v, spec: str) -> str:
     return "" if v is None or pd.isna(v) else format(v, spec)
 
@@ -124,6 +146,16 @@ def build(paths: list[Path], out_dir: Path) -> Path:
                 f"{_fmt(r.identical_fraction, '.3f')} | {_fmt(r.first_divergence_median, 'g')} | {_fmt(r.prefill_logit_rel, '.2e')} |"
             )
         lines.append("")
+    if "kernels" in results:
+        df = results["kernels"]
+        lines += ["## kernels", ""]
+        for model, part in df.groupby("model"):
+            name = f"kernels-{model}.png"
+            plot_kernels(part, out_dir / name, model)
+            lines += [f"![{model}]({name})", "", "| tokens | skew | stage | impl | ms | TFLOP/s | x ceiling | x torch |", "|---|---|---|---|---|---|---|---|"]
+            for _, r in part.sort_values(["tokens", "skew", "stage", "impl"]).iterrows():
+                lines.append(f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {r.ms:.3f} | {r.tflops:.1f} | {r.frac_ceiling:.2f} | {_fmt(r.x_vs_torch, '.2f')} |")
+            lines.append("")
     summary = out_dir / "summary.md"
     summary.write_text("\n".join(lines))
     return summary

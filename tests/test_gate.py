@@ -92,6 +92,15 @@ def test_unusable_input_exits_2(tmp_path, ci_results):
     assert gate(not_results, acc).returncode == 2
 
 
+def test_report_plots_kernel_results(tmp_path):
+    kernels = tmp_path / "kernels.csv"
+    assert cli("kernels", "--device", "cpu", "--tokens", "32,64", "--skew", "0", "--out", str(kernels), timeout=300).returncode == 0
+    done = cli("report", str(kernels), "--out", str(tmp_path / "report"), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report" / "kernels-tiny.png").stat().st_size > 10_000
+    assert "| fc1 | dense-bf16 |" in (tmp_path / "report" / "summary.md").read_text()
+
+
 def test_committed_h200_results_pass_their_reference_and_make_plots(tmp_path):
     h200 = ROOT / "results" / "h200x2"
     runs = [h200 / "e2e_h200x2.csv", h200 / "accuracy_h200x2.csv"]
