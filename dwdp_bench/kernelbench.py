@@ -54,7 +54,7 @@ def _experts(e: int, n: int, k: int, device: torch.device, gen: torch.Generator)
     """Random NVFP4 experts, quantised a few experts at a time to bound the fp32 temporary."""
     chunk = max(1, (1 << 28) // (n * k))
     parts = [quantize(torch.randn(min(chunk, e - s), n, k, device=device, generator=gen) * k**-0.5) for s in range(0, e, chunk)]
-    return NVFP4Weights(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
+    return NVFP4Weights.cat(parts)
 
 
 def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> list[dict]:

@@ -86,6 +86,11 @@ class NVFP4Weights:
         )
 
     @staticmethod
+    def cat(parts: list[NVFP4Weights]) -> NVFP4Weights:
+        """Expert stacks one after another."""
+        return NVFP4Weights(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
+
+    @staticmethod
     def nbytes_per_expert(n: int, k: int) -> int:
         return n * k // 2 + n * k // BLOCK + 4
 

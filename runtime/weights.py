@@ -176,20 +176,24 @@ class SyntheticWeights:
 
     def experts(self, layer: int, start: int, stop: int, device: torch.device) -> tuple[NVFP4Weights, NVFP4Weights]:
         c, dev = self.config, torch.device(device)
-        _check_expert_slice(c, layer, start, stop)
+        if (empty := _no_experts(c, layer, start, stop, dev)) is not None:
+            return empty
         h, i = c.hidden_size, c.moe_intermediate_size
-        if start == stop:
-            return NVFP4Weights.empty(0, 2 * i, h, dev), NVFP4Weights.empty(0, h, i, dev)
         w13 = [self._linear(f"layers.{layer}.experts.{e}.w13", 2 * i, h, dev, torch.float32) for e in range(start, stop)]
         w2 = [self._linear(f"layers.{layer}.experts.{e}.w2", h, i, dev, torch.float32, residual=True) for e in range(start, stop)]
         return quantize(torch.stack(w13)), quantize(torch.stack(w2))
 
 
-def _check_expert_slice(c: ModelConfig, layer: int, start: int, stop: int) -> None:
+def _no_experts(c: ModelConfig, layer: int, start: int, stop: int, device: torch.device) -> tuple[NVFP4Weights, NVFP4Weights] | None:
+    """Checks an expert slice request; returns empty stacks when the slice is empty."""
     if not c.is_moe_layer(layer) or layer >= c.num_hidden_layers:
         raise ValueError(f"layer {layer} of {c.name} is not a MoE layer (MoE layers: {c.first_k_dense_replace}..{c.num_hidden_layers - 1})")
     if not 0 <= start <= stop <= c.n_routed_experts:
         raise ValueError(f"expert slice [{start}, {stop}) is outside [0, {c.n_routed_experts})")
+    if start < stop:
+        return None
+    h, i = c.hidden_size, c.moe_intermediate_size
+    return NVFP4Weights.empty(0, 2 * i, h, device), NVFP4Weights.empty(0, h, i, device)
 
 
 class CheckpointWeights:
@@ -295,16 +299,15 @@ class CheckpointWeights:
 
     def experts(self, layer: int, start: int, stop: int, device: torch.device) -> tuple[NVFP4Weights, NVFP4Weights]:
         c, dev = self.config, torch.device(device)
-        _check_expert_slice(c, layer, start, stop)
+        if (empty := _no_experts(c, layer, start, stop, dev)) is not None:
+            return empty
         h, i = c.hidden_size, c.moe_intermediate_size
-        if start == stop:
-            return NVFP4Weights.empty(0, 2 * i, h, dev), NVFP4Weights.empty(0, h, i, dev)
         w13, w2 = [], []
         for e in range(start, stop):
             p = f"model.layers.{layer}.mlp.experts.{e}"
             w13.append(self._expert_nvfp4([f"{p}.gate_proj", f"{p}.up_proj"], (i, h)))
             w2.append(self._expert_nvfp4([f"{p}.down_proj"], (h, i)))
-        return _stack(w13).to(dev), _stack(w2).to(dev)
+        return NVFP4Weights.cat(w13).to(dev), NVFP4Weights.cat(w2).to(dev)
 
     def _expert_nvfp4(self, prefixes: list[str], shape: tuple[int, int]) -> NVFP4Weights:
         """One expert's weight (several projections stacked along N) as NVFP4 `[1, N, K]`."""
@@ -344,10 +347,6 @@ def _dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, name: str, 
         )
     full = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
     return w.float() * full
-
-
-def _stack(parts: list[NVFP4Weights]) -> NVFP4Weights:
-    return NVFP4Weights(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
 
 
 def load_weight_source(model: str, seed: int = 0, **overrides) -> WeightSource:
