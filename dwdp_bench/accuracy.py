@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from statistics import NormalDist
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from .e2e import strategy_options
+from .e2e import source_from_args, strategy_options
+from .gate import pass_threshold
 from .kernels import default_kernels, get_kernels
-from .results import RowWriter, sidecar, write_json
+from .results import RowWriter, fmt, sidecar, write_json
 from .runtime.comm import RankContext
 from .runtime.engine import Engine
 from .runtime.generate import Generation, TextEngine
-from .runtime.weights import load_weight_source
 
 TASK = "dwdp_gsm8k"
 COLUMNS = [
@@ -40,21 +40,6 @@ COLUMNS = [
     "strict_match", "flexible_extract", "metric", "reference_score", "pass_threshold", "passed",
     "identical_fraction", "first_divergence_median", "prefill_logit_max_abs", "prefill_logit_rel", "seconds",
 ]
-
-
-def pass_threshold(reference: float, n: int, sigma: float = 50.0, alpha: float = 0.05) -> float:
-    """Lowest score (points) that is not a regression from `reference` at level alpha, one-sided.
-
-    Both the reference and the new run carry sampling noise of sigma / sqrt(n) points (a Bernoulli
-    score has sigma <= 50), so their difference has sqrt(2 sigma^2 / n); a run fails when it lies more
-    than z_(1-alpha) of those below the reference: 63.71 - 3.20 for n = 1319."""
-    return reference - NormalDist().inv_cdf(1 - alpha) * (2 * sigma**2 / n) ** 0.5
-
-
-def detectable_drop(n: int, sigma: float = 50.0, alpha: float = 0.05, beta: float = 0.2) -> float:
-    """The regression (points) the test catches with probability 1 - beta: 4.84 for n = 1319."""
-    z = NormalDist().inv_cdf
-    return (z(1 - alpha) + z(1 - beta)) * (2 * sigma**2 / n) ** 0.5
 
 
 class ByteTokenizer:
@@ -150,7 +135,7 @@ def merge_round_robin(parts: list[list], total: int) -> list:
     return out
 
 
-def serve(ctx: RankContext, text: TextEngine, tokenizer) -> None:
+def serve(ctx: RankContext, text: TextEngine) -> None:
     """Ranks other than 0: answer rank 0's requests until it says stop."""
     while True:
         msg = [None]
@@ -224,24 +209,20 @@ def make_lm(ctx: RankContext, text: TextEngine, tokenizer, max_gen_toks: int):
 
 
 def _evaluate(lm, a: dict) -> dict:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="dwdp-datasets-") as cache:
-        os.environ["HF_DATASETS_CACHE"] = cache  # a fresh cache: an edited data file is never served stale
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task_config(Path(a["data"]), Path(a["train"]) if a["train"] else None)],
-            task_manager=TaskManager(include_defaults=False),
-            num_fewshot=a["num_fewshot"],
-            limit=a["limit"],
-            log_samples=True,
-            bootstrap_iters=0,
-            gen_kwargs={"max_gen_toks": a["max_gen_toks"]},
-            apply_chat_template=False,
-        )
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task_config(Path(a["data"]), Path(a["train"]) if a["train"] else None)],
+        task_manager=TaskManager(include_defaults=False),
+        num_fewshot=a["num_fewshot"],
+        limit=a["limit"],
+        log_samples=True,
+        bootstrap_iters=0,
+        gen_kwargs={"max_gen_toks": a["max_gen_toks"]},
+        apply_chat_template=False,
+    )
 
 
 def agreement(gens: dict[str, Generation], reference: dict[str, Generation]) -> dict:
@@ -266,8 +247,18 @@ def agreement(gens: dict[str, Generation], reference: dict[str, Generation]) -> 
 
 
 def rank_main(ctx: RankContext, a: dict) -> None:
-    overrides = {"layers": a["layers"]} if a.get("layers") else {}
-    source = load_weight_source(a["model"], a["seed"], **overrides)
+    # Offline, and a datasets cache of this run's own (datasets reads the variable once, at import):
+    # an edited data file is never served stale.
+    cache = tempfile.mkdtemp(prefix="dwdp-datasets-")
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=cache)
+    try:
+        _rank_main(ctx, a)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _rank_main(ctx: RankContext, a: dict) -> None:
+    source = source_from_args(a)
     cfg = source.config
     tokenizer = load_tokenizer(a["model"], cfg.vocab_size)
     kernel_name = a["kernels"] or default_kernels(ctx.device)
@@ -284,15 +275,13 @@ def rank_main(ctx: RankContext, a: dict) -> None:
     for label in order:
         name = label.removesuffix("-rerun")
         ctx.progress(f"{label}: building expert weights")
-        strategy, model, _ = engine.strategy(name, options)
-        text = TextEngine(ctx, model, tokenizer.decode, lockstep=name.startswith("ep"), batch_size=a["batch_size"], progress=ctx.progress)
+        model = engine.model(name, options, timing=False)
+        text = TextEngine(ctx, model, tokenizer.decode, lockstep=name.startswith("ep"), batch_size=a["batch_size"])
         if lead:
             start = time.perf_counter()
             lm = make_lm(ctx, text, tokenizer, a["max_gen_toks"])
-            try:
-                results = _evaluate(lm, a)
-            finally:
-                lm.stop()
+            results = _evaluate(lm, a)  # on an error the launcher stops every rank: no "stop" to send
+            lm.stop()
             seconds = time.perf_counter() - start
             if label == "replicated":
                 reference = lm.generations
@@ -325,9 +314,9 @@ def rank_main(ctx: RankContext, a: dict) -> None:
             rows.append(row)
             samples[label] = [{"prompt_tail": k[-120:], "text": g.text, "tokens": g.tokens} for k, g in lm.generations.items()]
         else:
-            serve(ctx, text, tokenizer)
-        strategy.close()
-        del strategy, model, text
+            serve(ctx, text)
+        model.experts.close()
+        del model, text
         if ctx.is_cuda:
             torch.cuda.empty_cache()
     if lead:
@@ -340,10 +329,6 @@ def summary_table(rows: list[dict]) -> Table:
     table = Table(title="GSM8K through lm-eval, per strategy (agreement: against replicated)")
     for col in ("strategy", "questions", "strict %", "flexible %", "pass", "identical", "1st diverge", "logit rel err", "s"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
-
-    def fmt(v, spec):
-        return "" if v is None else format(v, spec)
-
     for r in rows:
         verdict = "" if r["passed"] is None else ("yes" if r["passed"] else f"NO (< {r['pass_threshold']:.2f})")
         table.add_row(

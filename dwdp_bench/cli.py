@@ -24,6 +24,7 @@ app = typer.Typer(
 accuracy_app = typer.Typer(help="Accuracy of every strategy: GSM8K through lm-eval, or agreement with the single-GPU reference.", no_args_is_help=True)
 app.add_typer(accuracy_app, name="accuracy")
 console = Console(stderr=True)
+STRATEGIES = ("replicated", "dwdp", "ep", "ep-overlap")  # what runtime.engine.build_strategy builds
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -49,19 +50,25 @@ def _csv_names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def resolve_ranks(gpus: Optional[int], device: Optional[str], ranks: Optional[int]) -> tuple[str, int, str]:
-    """(device type, number of ranks, device name) from --gpus / --device / --ranks."""
+    """(device type, number of ranks, device name) from --gpus / --device / --ranks; inside mpirun /
+    srun the number of ranks is the MPI world's."""
     import torch
+
+    from .launcher import mpi_world
 
     if device not in (None, "cuda", "cpu"):
         _fail(f"--device must be cuda or cpu, got {device!r}")
+    world = mpi_world()
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device is None:
         device = "cuda" if (gpus or available) else "cpu"
     if device == "cpu":
         if gpus:
             _fail("--gpus asks for GPUs but --device cpu was given; use --ranks N for CPU ranks")
-        n = ranks or 2
+        n = world[1] if world else ranks or 2
         return "cpu", n, f"{n} CPU ranks"
+    if world:
+        return "cuda", world[1], f"{world[1]} x {torch.cuda.get_device_name(0)} (MPI world)"
     n = gpus or ranks or available
     if available == 0:
         _fail("no CUDA GPU is visible here; run on CPU ranks with --device cpu --ranks N")
@@ -86,6 +93,23 @@ def env(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write
 
 
 SUITE_HELP = "A suite file or the name of a shipped suite (suites/*.toml); options given here override it."
+
+
+def _lead_process() -> bool:
+    """False on the MPI ranks other than 0, which must not write the run's files too."""
+    from .launcher import mpi_world
+
+    world = mpi_world()
+    return world is None or world[0] == 0
+
+
+def _new_out(command: str, out: Optional[Path]) -> str:
+    from .results import check_new, default_path
+
+    try:
+        return str(check_new(default_path(command, out)) if _lead_process() else default_path(command, out))
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _suite_values(ctx: typer.Context, command, suite: Optional[str], section: str, values: dict) -> dict:
@@ -140,7 +164,7 @@ def e2e(
     """
     from .e2e import plan_summary, validate
     from .launcher import LaunchError, launch
-    from .results import default_path, sidecar, write_json
+    from .results import sidecar, write_json
 
     p = _suite_values(ctx, e2e, suite, "e2e", locals())
     dev, n, device_name = resolve_ranks(p["gpus"], p["device"], p["ranks"])
@@ -150,7 +174,7 @@ def e2e(
     args = {
         "model": p["model"] or ("synthetic:deepseek-v3-lite" if on_gpu else "synthetic:tiny"),
         "layers": p["layers"],
-        "strategies": _csv_names(p["strategies"], ("replicated", "dwdp", "ep", "ep-overlap"), "strategy"),
+        "strategies": _csv_names(p["strategies"], STRATEGIES, "strategy"),
         "cvs": _csv_floats(p["cv"], "--cv"),
         "isl": p["isl"] or (8192 if on_gpu else 48),
         "max_tokens": p["max_tokens"] or (32768 if on_gpu else 192),
@@ -171,7 +195,7 @@ def e2e(
         "progress": p["progress"],
         "device": dev,
         "device_name": device_name,
-        "out": str(default_path("e2e", p["out"])),
+        "out": _new_out("e2e", p["out"]),
     }
     try:
         validate(args, n)
@@ -179,7 +203,8 @@ def e2e(
         _fail(str(e))
     from .envinfo import collect
 
-    write_json(sidecar(Path(args["out"]), "env"), {"command": "e2e", "args": plan_summary(args), "env": collect()})
+    if _lead_process():
+        write_json(sidecar(Path(args["out"]), "env"), {"command": "e2e", "args": plan_summary(args), "env": collect()})
     try:
         launch("e2e", args, n, dev, p["timeout"], p["master_addr"])
     except LaunchError as e:
@@ -225,11 +250,11 @@ def gsm8k(
     from .accuracy import check_data
     from .e2e import plan_summary
     from .launcher import LaunchError, launch
-    from .results import default_path, sidecar, write_json
+    from .results import sidecar, write_json
 
     p = _suite_values(ctx, gsm8k, suite, "accuracy", locals())
     dev, n, device_name = resolve_ranks(p["gpus"], p["device"], p["ranks"])
-    names = _csv_names(p["strategies"], ("replicated", "dwdp", "ep", "ep-overlap"), "strategy")
+    names = _csv_names(p["strategies"], STRATEGIES, "strategy")
     if "ep-overlap" in names:
         _fail("accuracy runs replicated, dwdp and ep; ep-overlap computes the same as ep")
     if p["metric"] not in ("strict-match", "flexible-extract"):
@@ -248,11 +273,12 @@ def gsm8k(
         "dtype": p["dtype"], "act_quant": p["act_quant"] == "nvfp4", "seed": p["seed"], "device": dev, "device_name": device_name,
         "align": 1, "dwdp_size": None, "dwdp_local": None, "dwdp_prefetch": None, "slice_bytes": 0,
         "fault_delay_prefetch_s": 0.0, "fault_skip_prefetch_wait": False,
-        "out": str(default_path("accuracy", p["out"])),
+        "out": _new_out("accuracy", p["out"]),
     }
     from .envinfo import collect
 
-    write_json(sidecar(Path(args["out"]), "env"), {"command": "accuracy gsm8k", "args": plan_summary(args), "env": collect()})
+    if _lead_process():
+        write_json(sidecar(Path(args["out"]), "env"), {"command": "accuracy gsm8k", "args": plan_summary(args), "env": collect()})
     try:
         launch("accuracy", args, n, dev, p["timeout"], p["master_addr"])
     except LaunchError as e:
@@ -280,7 +306,7 @@ def kernels(
     import torch
 
     from .kernelbench import COLUMNS, Case, available_impls, run_case, table
-    from .results import RowWriter, default_path
+    from .results import RowWriter
 
     p = _suite_values(ctx, kernels, suite, "kernels", locals())
     dev = torch.device(p["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -299,7 +325,7 @@ def kernels(
             get_config(m)
     except ValueError as e:
         _fail(str(e))
-    writer = RowWriter(default_path("kernels", p["out"]), COLUMNS)
+    writer = RowWriter(Path(_new_out("kernels", p["out"])), COLUMNS)
     rows = []
     cases = [Case(m, t, s) for m in model_names for t in token_counts for s in _csv_floats(p["skew"], "--skew")]
     for i, case in enumerate(cases):

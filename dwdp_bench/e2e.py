@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .kernels import default_kernels, get_kernels
-from .results import RowWriter, sidecar, write_json
+from .results import RowWriter, e2e_medians, fmt, sidecar, write_json
 from .runtime.comm import RankContext
 from .runtime.engine import Engine, RankRun
 from .runtime.strategies import ExpertPartition, StrategyOptions
@@ -65,9 +65,13 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
 
 
+def source_from_args(a: dict):
+    """The weight source the arguments name (synthetic config with overrides, or a checkpoint)."""
+    return load_weight_source(a["model"], a["seed"], **({"layers": a["layers"]} if a.get("layers") else {}))
+
+
 def rank_main(ctx: RankContext, a: dict) -> None:
-    overrides = {"layers": a["layers"]} if a.get("layers") else {}
-    source = load_weight_source(a["model"], a["seed"], **overrides)
+    source = source_from_args(a)
     cfg = source.config
     dtype = getattr(torch, a["dtype"])
     kernel_name = a["kernels"] or default_kernels(ctx.device)
@@ -92,7 +96,8 @@ def rank_main(ctx: RankContext, a: dict) -> None:
         task = progress.add_task("e2e", total=len(order) * len(a["cvs"]) * passes)
         for name in order:
             ctx.progress(f"{name}: building expert weights")
-            strategy, model, timeline = engine.strategy(name, options)
+            model = engine.model(name, options)
+            strategy = model.experts
             partition = getattr(strategy, "partition", None)
             diff = (None, None)  # logits vs replicated, from the first spread's first pass
             for cv, workload in workloads.items():
@@ -101,13 +106,14 @@ def rank_main(ctx: RankContext, a: dict) -> None:
                     label = f"{name} cv={cv:g} " + (f"warm-up {p + 1}" if repeat < 0 else f"repeat {repeat + 1}/{a['repeats']}")
                     progress.update(task, description=label)
                     keep = p == 0 and cv == a["cvs"][0]
-                    run = engine.run(name, model, timeline, workload, keep_logits=keep, on_batch=lambda i, n: ctx.progress(f"{label}: batch {i + 1}/{n}"))
+                    run = engine.run(name, model, workload, keep_logits=keep, on_batch=lambda i, n: ctx.progress(f"{label}: batch {i + 1}/{n}"))
                     if keep:
                         if name == "replicated":
                             reference = run.last_logits
                         if reference is not None:
                             diff = _logit_diff(run.last_logits, reference)
-                    gathered = ctx.all_gather_object(_summary(run, diff, strategy.expert_bytes()))
+                    last = repeat == a["repeats"] - 1
+                    gathered = ctx.all_gather_object(_summary(run, diff, strategy.expert_bytes(), with_intervals=last))
                     progress.advance(task)
                     if repeat < 0:
                         continue
@@ -115,7 +121,7 @@ def rank_main(ctx: RankContext, a: dict) -> None:
                         row = _row(a, cfg, name, kernel_name, workload, repeat, gathered, partition)
                         writer.write(row)
                         rows.append(row)
-                        if repeat == a["repeats"] - 1:
+                        if last:
                             timelines.append({"strategy": name, "cv": cv, "ranks": [g["intervals"] for g in gathered]})
             strategy.close()
             del strategy, model
@@ -127,7 +133,7 @@ def rank_main(ctx: RankContext, a: dict) -> None:
         Console().print(f"rows: {out}")
 
 
-def _summary(run: RankRun, diff: tuple, expert_bytes: int) -> dict:
+def _summary(run: RankRun, diff: tuple, expert_bytes: int, with_intervals: bool) -> dict:
     return {
         "wall_s": run.wall_s,
         "request_done_ms": run.request_done_ms,
@@ -137,7 +143,7 @@ def _summary(run: RankRun, diff: tuple, expert_bytes: int) -> dict:
         "tokens": run.tokens,
         "diff": diff,
         "expert_bytes": expert_bytes,
-        "intervals": [[iv.what, iv.layer, round(iv.start_ms, 4), round(iv.duration_ms, 4)] for iv in run.intervals],
+        "intervals": [[iv.what, iv.layer, round(iv.start_ms, 4), round(iv.duration_ms, 4)] for iv in run.intervals] if with_intervals else None,
     }
 
 
@@ -208,32 +214,15 @@ def _row(a: dict, cfg, name: str, kernel_name: str, workload: Workload, repeat: 
 
 def summary_table(rows: list[dict]) -> Table:
     """Medians over repeats per (strategy, spread), with DWDP's ratio to the better EP form."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["cv"], r["strategy"]), []).append(r)
-
-    def med(key: tuple, col: str):
-        vals = [r[col] for r in groups[key] if r[col] is not None]
-        return statistics.median(vals) if vals else None
-
     table = Table(title="e2e prefill: medians over repeats")
     for col in ("cv", "strategy", "tok/s/GPU", "x best EP", "x repl", "TTFT p90 s", "wait ms", "prefetch %MoE", "GB/s", "peak GiB", "expert GiB", "logit rel err"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
-    for key in sorted(groups):
-        cv, name = key
-        tps = med(key, "tps_per_gpu")
-        eps = [med((cv, s), "tps_per_gpu") for s in ("ep", "ep-overlap") if (cv, s) in groups]
-        rep = med((cv, "replicated"), "tps_per_gpu") if (cv, "replicated") in groups else None
-        wait = (med(key, "wait_collective_ms_mean") or 0) + (med(key, "wait_prefetch_ms_mean") or 0)
-
-        def fmt(v, spec=".3g"):
-            return "" if v is None else format(v, spec)
-
+    for _, r in e2e_medians(rows).sort_values(["cv", "strategy"]).iterrows():
+        wait = (r.wait_collective_ms_mean or 0) + (r.wait_prefetch_ms_mean or 0)
         table.add_row(
-            fmt(cv, "g"), name, fmt(tps, ".0f"), fmt(tps / max(eps), ".3f") if eps else "", fmt(tps / rep, ".3f") if rep else "",
-            fmt(med(key, "ttft_p90_s")), fmt(wait, ".1f"), fmt(med(key, "exposed_prefetch_pct"), ".2f"),
-            fmt(med(key, "transport_gbps"), ".0f"), fmt(med(key, "peak_mem_gib_max"), ".1f"), fmt(med(key, "expert_gib_per_rank"), ".2f"),
-            fmt(med(key, "logit_rel_diff"), ".1e"),
+            fmt(r.cv, "g"), r.strategy, fmt(r["median"], ".0f"), fmt(r.x_best_ep, ".3f"), fmt(r.x_replicated, ".3f"), fmt(r.ttft_p90_s, ".3g"),
+            fmt(wait, ".1f"), fmt(r.exposed_prefetch_pct, ".2f"), fmt(r.transport_gbps, ".0f"), fmt(r.peak_mem_gib_max, ".1f"),
+            fmt(r.expert_gib_per_rank, ".2f"), fmt(r.logit_rel_diff, ".1e"),
         )
     return table
 
@@ -247,18 +236,19 @@ def validate(a: dict, world: int) -> None:
     """Everything that can be checked before any rank starts; raises ValueError with what to change."""
     from .kernels import KERNEL_NAMES
 
-    overrides = {"layers": a["layers"]} if a.get("layers") else {}
-    cfg = load_weight_source(a["model"], a["seed"], **overrides).config
+    cfg = source_from_args(a).config
     if a["dtype"] not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype must be bfloat16 or float32, got {a['dtype']!r}")
     if a["kernels"] is not None and a["kernels"] not in KERNEL_NAMES:
         raise ValueError(f"unknown --kernels {a['kernels']!r}; choose from {', '.join(KERNEL_NAMES)}")
     if a["kernels"] == "grouped" and a["device"] != "cuda":
         raise ValueError("--kernels grouped needs CUDA GPUs; use --kernels torch on CPU")
-    if a["repeats"] < 1 or a["warmup"] < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if a["repeats"] < 1 or a["warmup"] < 1:
+        raise ValueError("--repeats and --warmup must be >= 1 (the first, unmeasured pass also checks logits against replicated)")
     if a["align"] < 1:
         raise ValueError("--align must be >= 1")
+    if a["slice_bytes"] < 0 or a["fault_delay_prefetch_s"] < 0:
+        raise ValueError("--slice-mib and --fault-delay-prefetch must be >= 0")
     if not a["cvs"]:
         raise ValueError("--cv needs at least one spread")
     for cv in a["cvs"]:

@@ -54,7 +54,10 @@ def _mpi() -> dict:
     try:
         import mpi4py
 
-        mpi4py.rc.initialize = False  # only ask for the library's version; do not start MPI
+        from .launcher import mpi_world
+
+        if mpi_world() is None:
+            mpi4py.rc.initialize = False  # only ask for the library's version; do not start MPI
         from mpi4py import MPI
 
         info["library"] = MPI.Get_library_version().strip().splitlines()[0]

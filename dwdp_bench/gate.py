@@ -24,13 +24,28 @@ import statistics
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import pandas as pd
 from rich.table import Table
 
-from .accuracy import pass_threshold
 
 KINDS = {"e2e": "tps_per_gpu", "accuracy": "identical_fraction", "kernels": "frac_ceiling"}  # kind -> a column only it has
+
+
+def pass_threshold(reference: float, n: int, sigma: float = 50.0, alpha: float = 0.05) -> float:
+    """Lowest score (points) that is not a regression from `reference` at level alpha, one-sided.
+
+    Both the reference and the new run carry sampling noise of sigma / sqrt(n) points (a Bernoulli
+    score has sigma <= 50), so their difference has sqrt(2 sigma^2 / n); a run fails when it lies more
+    than z_(1-alpha) of those below the reference: 63.71 - 3.20 for n = 1319."""
+    return reference - NormalDist().inv_cdf(1 - alpha) * (2 * sigma**2 / n) ** 0.5
+
+
+def detectable_drop(n: int, sigma: float = 50.0, alpha: float = 0.05, beta: float = 0.2) -> float:
+    """The regression (points) the test catches with probability 1 - beta: 4.84 for n = 1319."""
+    z = NormalDist().inv_cdf
+    return (z(1 - alpha) + z(1 - beta)) * (2 * sigma**2 / n) ** 0.5
 
 
 class Unusable(ValueError):

@@ -31,7 +31,7 @@ COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "sta
 class Case:
     model: str
     tokens: int
-    skew: float  # 0: uniform expert load; larger: expert e's logit gets skew * (1 - 2e/E)
+    skew: float  # 0: uniform expert load; larger: expert e's logit gets + skew * (1 - 2e/(E-1))
 
 
 def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:

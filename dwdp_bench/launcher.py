@@ -113,7 +113,6 @@ def launch(job: str, args: dict, nprocs: int, device: str, timeout_s: float, mas
             sel.register(read_fd, selectors.EVENT_READ, ranks[-1])
         _supervise(ranks, sel, timeout_s)
     except KeyboardInterrupt:
-        _stop(ranks)
         raise LaunchError("interrupted: all ranks stopped") from None
     finally:
         _stop(ranks)
@@ -125,10 +124,14 @@ def launch(job: str, args: dict, nprocs: int, device: str, timeout_s: float, mas
         os.unlink(job_file)
 
 
-def _read(rk: _Rank) -> None:
+def _read(rk: _Rank, sel: selectors.BaseSelector) -> None:
     try:
         chunk = os.read(rk.fd, 1 << 16)
     except BlockingIOError:
+        return
+    if not chunk:  # the rank closed its end: stop watching, or select() returns at once forever
+        if rk.fd in sel.get_map():
+            sel.unregister(rk.fd)
         return
     rk.buffer += chunk
     *lines, rk.buffer = rk.buffer.split(b"\n")
@@ -148,7 +151,7 @@ def _read(rk: _Rank) -> None:
 def _supervise(ranks: list[_Rank], sel: selectors.BaseSelector, timeout_s: float) -> None:
     while True:
         for key, _ in sel.select(timeout=0.5):
-            _read(key.data)
+            _read(key.data, sel)
         now = time.monotonic()
         running = []
         for rk in ranks:
@@ -156,7 +159,7 @@ def _supervise(ranks: list[_Rank], sel: selectors.BaseSelector, timeout_s: float
             if rc is None:
                 running.append(rk)
                 continue
-            _read(rk)
+            _read(rk, sel)
             if rc != 0 or not rk.done:
                 _stop(ranks)
                 why = rk.error or (f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}") + f" (last progress: {rk.what})"

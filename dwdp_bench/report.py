@@ -20,24 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .gate import load_results  # noqa: E402
-from .results import sidecar  # noqa: E402
+from .results import e2e_medians, fmt, sidecar  # noqa: E402
 
 STRATEGY_COLORS = {"replicated": "#7f7f7f", "dwdp": "#1f77b4", "ep": "#d62728", "ep-overlap": "#ff7f0e"}
 WAIT_COLORS = {"wait:collective": "#d62728", "wait:prefetch": "#ff7f0e"}
 COMPUTE_COLOR = "#4c9f70"
-
-
-def e2e_medians(df: pd.DataFrame) -> pd.DataFrame:
-    g = df.groupby(["model", "world_size", "cv", "strategy"])
-    out = g["tps_per_gpu"].agg(["median", "min", "max", "count"]).reset_index()
-    for col in ("ttft_p90_s", "wait_collective_ms_mean", "wait_prefetch_ms_mean", "exposed_prefetch_pct", "peak_mem_gib_max", "expert_gib_per_rank", "logit_rel_diff"):
-        out[col] = g[col].median().values
-    best_ep = out[out.strategy.isin(["ep", "ep-overlap"])].groupby(["model", "world_size", "cv"])["median"].max().rename("best_ep")
-    repl = out[out.strategy == "replicated"].set_index(["model", "world_size", "cv"])["median"].rename("replicated")
-    out = out.join(best_ep, on=["model", "world_size", "cv"]).join(repl, on=["model", "world_size", "cv"])
-    out["x_best_ep"] = out["median"] / out["best_ep"]
-    out["x_replicated"] = out["median"] / out["replicated"]
-    return out
 
 
 def plot_throughput(med: pd.DataFrame, path: Path, title: str) -> None:
@@ -70,7 +57,7 @@ def plot_timeline(timeline: dict, path: Path) -> str | None:
     axes = axes if len(runs) > 1 else [axes]
     for ax, run in zip(axes, runs):
         for rank, intervals in enumerate(run["ranks"]):
-            compute = [(s, d) for what, _, s, d in intervals if what not in WAIT_COLORS and what not in ("start", "end")]
+            compute = [(s, d) for what, _, s, d in intervals if what not in WAIT_COLORS and what not in ("start", "batch_done", "end")]
             ax.broken_barh(compute, (rank - 0.4, 0.8), color=COMPUTE_COLOR, linewidth=0)
             for kind, color in WAIT_COLORS.items():
                 ax.broken_barh([(s, d) for what, _, s, d in intervals if what == kind], (rank - 0.4, 0.8), color=color, linewidth=0)
@@ -106,10 +93,6 @@ def plot_kernels(df: pd.DataFrame, path: Path, model: str) -> None:
     plt.close(fig)
 
 
-def _fmt(v, spec: str) -> str:
-    return "" if v is None or pd.isna(v) else format(v, spec)
-
-
 def build(paths: list[Path], out_dir: Path) -> Path:
     results = load_results(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,9 +109,9 @@ def build(paths: list[Path], out_dir: Path) -> Path:
             for _, r in med.sort_values(["cv", "strategy"]).iterrows():
                 wait = (r.wait_collective_ms_mean or 0) + (r.wait_prefetch_ms_mean or 0)
                 lines.append(
-                    f"| {r.cv:g} | {r.strategy} | {r['median']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {_fmt(r.x_best_ep, '.3f')} | {_fmt(r.x_replicated, '.3f')} | "
-                    f"{_fmt(r.ttft_p90_s, '.2f')} | {wait:.1f} | {_fmt(r.exposed_prefetch_pct, '.2f')} | {_fmt(r.peak_mem_gib_max, '.1f')} | "
-                    f"{_fmt(r.expert_gib_per_rank, '.2f')} | {_fmt(r.logit_rel_diff, '.1e')} |"
+                    f"| {r.cv:g} | {r.strategy} | {r['median']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {fmt(r.x_best_ep, '.3f')} | {fmt(r.x_replicated, '.3f')} | "
+                    f"{fmt(r.ttft_p90_s, '.2f')} | {wait:.1f} | {fmt(r.exposed_prefetch_pct, '.2f')} | {fmt(r.peak_mem_gib_max, '.1f')} | "
+                    f"{fmt(r.expert_gib_per_rank, '.2f')} | {fmt(r.logit_rel_diff, '.1e')} |"
                 )
             timeline_file = sidecar(Path(source), "timeline")
             if timeline_file.is_file():
@@ -142,8 +125,8 @@ def build(paths: list[Path], out_dir: Path) -> Path:
         lines += ["## accuracy", "", "| source | strategy | questions | strict % | flexible % | passed | identical | first divergence | prefill logit rel err |", "|---|---|---|---|---|---|---|---|---|"]
         for _, r in df.iterrows():
             lines.append(
-                f"| `{Path(r._source).name}` | {r.strategy} | {r.questions} | {r.strict_match:.2f} | {r.flexible_extract:.2f} | {_fmt(r.passed, '')} | "
-                f"{_fmt(r.identical_fraction, '.3f')} | {_fmt(r.first_divergence_median, 'g')} | {_fmt(r.prefill_logit_rel, '.2e')} |"
+                f"| `{Path(r._source).name}` | {r.strategy} | {r.questions} | {r.strict_match:.2f} | {r.flexible_extract:.2f} | {fmt(r.passed, '')} | "
+                f"{fmt(r.identical_fraction, '.3f')} | {fmt(r.first_divergence_median, 'g')} | {fmt(r.prefill_logit_rel, '.2e')} |"
             )
         lines.append("")
     if "kernels" in results:
@@ -154,7 +137,7 @@ def build(paths: list[Path], out_dir: Path) -> Path:
             plot_kernels(part, out_dir / name, model)
             lines += [f"![{model}]({name})", "", "| tokens | skew | stage | impl | ms | TFLOP/s | x ceiling | x torch |", "|---|---|---|---|---|---|---|---|"]
             for _, r in part.sort_values(["tokens", "skew", "stage", "impl"]).iterrows():
-                lines.append(f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {r.ms:.3f} | {r.tflops:.1f} | {r.frac_ceiling:.2f} | {_fmt(r.x_vs_torch, '.2f')} |")
+                lines.append(f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {r.ms:.3f} | {r.tflops:.1f} | {r.frac_ceiling:.2f} | {fmt(r.x_vs_torch, '.2f')} |")
             lines.append("")
     summary = out_dir / "summary.md"
     summary.write_text("\n".join(lines))

@@ -57,10 +57,10 @@ def _run(job: str, args: dict, device: str, timeout_s: float, rank: int, world: 
     ctx = init_process_group(rank, world, local_rank, device, addr, port, timeout_s)
     ctx.progress = control.progress
     control.progress("initialised")
-    try:
-        _job_function(job)(ctx, args)
-    finally:
-        shutdown()
+    _job_function(job)(ctx, args)
+    # Only after success: on an error, peers may sit in a collective that a graceful shutdown would
+    # wait for, hiding the error; the process exits instead (and the launcher stops the others).
+    shutdown()
 
 
 def main() -> None:
@@ -94,6 +94,8 @@ def run_mpi_rank(job: str, args: dict, device: str, timeout_s: float, master_add
     from .launcher import free_port, mpi_world
 
     rank, world, local_rank = mpi_world()
+    if not MPI.Is_initialized():  # `dwdp-bench env` info may have imported mpi4py without starting MPI
+        MPI.Init()
     comm = MPI.COMM_WORLD
     hosts = comm.allgather(MPI.Get_processor_name())
     if rank == 0:
@@ -119,6 +121,9 @@ def run_mpi_rank(job: str, args: dict, device: str, timeout_s: float, master_add
         traceback.print_exc()
         print(f"rank {rank} failed: {type(e).__name__}: {e}; aborting the MPI job", file=sys.stderr, flush=True)
         comm.Abort(1)
+    comm.Barrier()
+    if not MPI.Is_finalized():
+        MPI.Finalize()
 
 
 if __name__ == "__main__":

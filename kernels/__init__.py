@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .interface import ExpertWeights, MoEKernels, RoutingPlan, WeightView, build_plan
@@ -16,13 +18,8 @@ KERNEL_NAMES = ("torch", "grouped")
 
 def default_kernels(device: torch.device | str) -> str:
     """The fastest implementation that runs on `device`."""
-    if torch.device(device).type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "grouped"
-    return "torch"
+    has_triton = importlib.util.find_spec("triton") is not None
+    return "grouped" if torch.device(device).type == "cuda" and has_triton else "torch"
 
 
 def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) -> MoEKernels:

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .interface import RoutingPlan, WeightView
 from .nvfp4 import BLOCK, NVFP4Weights
-from .reference import TorchReferenceKernels, decode_view, grouped_gemm
+from .reference import TorchReferenceKernels
 
 
 @triton.jit
@@ -81,22 +80,13 @@ def _finalize_kernel(z_ptr, token_rows_ptr, coef_ptr, out_ptr, hidden, TOP_K: tl
 
 class GroupedTritonKernels(TorchReferenceKernels):
     name = "grouped"
+    decode_into = staticmethod(decode_into)
 
-    def fc1(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView) -> torch.Tensor:
-        if plan.num_tokens == 0:
-            return x.new_zeros(plan.num_rows, w13.n // 2)
-        y = grouped_gemm(self._input(x)[plan.row_token], decode_view(w13, x.dtype, decode_into), plan)
-        inv_scale = (1.0 / w13.global_scales())[plan.row_expert].contiguous()
+    def swiglu(self, y: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
         rows, inter = y.shape[0], y.shape[1] // 2
-        h = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-        _swiglu_kernel[(triton.cdiv(rows, 16), triton.cdiv(inter, 256))](y, inv_scale, h, rows, inter, BLOCK_R=16, BLOCK_C=256)
+        h = torch.empty(rows, inter, dtype=y.dtype, device=y.device)
+        _swiglu_kernel[(triton.cdiv(rows, 16), triton.cdiv(inter, 256))](y, inv_scale.contiguous(), h, rows, inter, BLOCK_R=16, BLOCK_C=256)
         return h
-
-    def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        if plan.num_tokens == 0:
-            return h.new_zeros(0, w2.n)
-        z = grouped_gemm(self._input(h), decode_view(w2, h.dtype, decode_into), plan)
-        return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
 
     def reduce_rows(self, rows: torch.Tensor, token_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         tokens, hidden = token_rows.shape[0], rows.shape[1]

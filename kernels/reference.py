@@ -36,9 +36,13 @@ def grouped_gemm(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -
 
 
 class TorchReferenceKernels:
-    """`act_quant`: quantise-dequantise FC1's and FC2's inputs to NVFP4 (W4A4 numerics)."""
+    """`act_quant`: quantise-dequantise FC1's and FC2's inputs to NVFP4 (W4A4 numerics).
+
+    The memory-bound steps are methods (`decode_into`, `swiglu`, `reduce_rows`) so that a faster
+    implementation of the same structure overrides just those (kernels/grouped.py)."""
 
     name = "torch"
+    decode_into = None  # (weights, out) -> None; None: nvfp4.decode
 
     def __init__(self, act_quant: bool = False):
         self.act_quant = act_quant
@@ -49,16 +53,19 @@ class TorchReferenceKernels:
     def fc1(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView) -> torch.Tensor:
         if plan.num_tokens == 0:
             return x.new_zeros(plan.num_rows, w13.n // 2)
-        y = grouped_gemm(self._input(x)[plan.row_token], decode_view(w13, x.dtype), plan)
-        inv_scale = (1.0 / w13.global_scales())[plan.row_expert].unsqueeze(1)
-        gate, up = (y.float() * inv_scale).chunk(2, dim=-1)
-        return (F.silu(gate) * up).to(x.dtype)
+        y = grouped_gemm(self._input(x)[plan.row_token], decode_view(w13, x.dtype, self.decode_into), plan)
+        return self.swiglu(y, (1.0 / w13.global_scales())[plan.row_expert])
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
-        z = grouped_gemm(self._input(h), decode_view(w2, h.dtype), plan)
+        z = grouped_gemm(self._input(h), decode_view(w2, h.dtype, self.decode_into), plan)
         return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
+
+    def swiglu(self, y: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of `[R, 2I]` rows, each row first times its expert's 1 / global scale (fp32)."""
+        gate, up = (y.float() * inv_scale.unsqueeze(1)).chunk(2, dim=-1)
+        return (F.silu(gate) * up).to(y.dtype)
 
     def reduce_rows(self, rows: torch.Tensor, token_rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """out[t] = sum_j coef[t, j] * rows[token_rows[t, j]], in fp32, j in order (deterministic).

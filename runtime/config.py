@@ -111,40 +111,6 @@ class ModelConfig:
         cfg.validate()
         return cfg
 
-    def parameter_counts(self) -> dict[str, int]:
-        """Parameter counts by part: what a rank holds under each strategy follows from these."""
-        h, heads = self.hidden_size, self.num_attention_heads
-        q = h * heads * self.qk_head_dim if self.q_lora_rank is None else (
-            h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
-        )
-        attn = (
-            q
-            + h * (self.kv_lora_rank + self.qk_rope_head_dim)
-            + self.kv_lora_rank
-            + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
-            + heads * self.v_head_dim * h
-            + 2 * h
-        )
-        expert = 3 * h * self.moe_intermediate_size
-        return {
-            "embedding": self.vocab_size * h * (1 if self.tie_word_embeddings else 2),
-            "attention": attn * self.num_hidden_layers,
-            "dense_mlp": 3 * h * self.intermediate_size * self.first_k_dense_replace,
-            "shared_experts": expert * self.n_shared_experts * self.num_moe_layers,
-            "router": (self.n_routed_experts * h + self.n_routed_experts) * self.num_moe_layers,
-            "routed_experts": expert * self.n_routed_experts * self.num_moe_layers,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        return cls(**d)
-
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelConfig:
         """Read a DeepSeek-V3-family `config.json` (a file or the checkpoint directory holding it)."""

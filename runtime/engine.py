@@ -18,7 +18,7 @@ from ..kernels import MoEKernels
 from .comm import RankContext
 from .model import Model, Steps, run_steps
 from .strategies import DWDP, EP, Replicated, Strategy, StrategyOptions
-from .timeline import Timeline, per_layer, totals
+from .timeline import Timeline, totals
 from .weights import DenseWeights, WeightSource
 from .workload import Batch, Workload, split_micro_batches
 
@@ -54,7 +54,6 @@ class RankRun:
     intervals: list  # timeline.Interval, this rank's whole pass
     request_done_ms: dict[int, float]  # request id -> time its batch finished (from the start)
     time_ms: dict[str, float]  # per interval kind, summed
-    layers_ms: dict[int, dict[str, float]]
     transport: dict[str, float]
     peak_bytes: int | None
     tokens: int
@@ -68,14 +67,14 @@ class Engine:
         self.dense = dense
         self.kernels = kernels
 
-    def strategy(self, name: str, options: StrategyOptions) -> tuple[Strategy, Model, Timeline]:
-        timeline = Timeline(self.ctx.device)
+    def model(self, name: str, options: StrategyOptions, timing: bool = True) -> Model:
+        """The model under strategy `name` (`model.experts`); `timing` records the timeline."""
+        timeline = Timeline(self.ctx.device, enabled=timing)
         strategy = build_strategy(name, self.ctx, self.source, self.kernels, options, timeline)
-        model = Model(self.source.config, self.dense, strategy, timeline=timeline)
-        return strategy, model, timeline
+        return Model(self.source.config, self.dense, strategy, timeline=timeline)
 
-    def run(self, name: str, model: Model, timeline: Timeline, workload: Workload, keep_logits: bool = False, on_batch=None) -> RankRun:
-        ctx, cfg = self.ctx, self.source.config
+    def run(self, name: str, model: Model, workload: Workload, keep_logits: bool = False, on_batch=None) -> RankRun:
+        ctx, cfg, timeline = self.ctx, self.source.config, model.timeline
         mine = workload.batches[ctx.rank]
         if name.startswith("ep"):
             empty = Batch([], [])
@@ -89,8 +88,8 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(ctx.device)
         strategy = model.experts
         strategy.transport_stats()  # reset the counters
-        ctx.barrier()
         ctx.synchronize()
+        ctx.barrier()
         timeline.clear()
         start = time.perf_counter()
         timeline.mark("start")
@@ -121,7 +120,6 @@ class Engine:
             intervals=intervals,
             request_done_ms=request_done,
             time_ms=kinds,
-            layers_ms=per_layer([iv for iv in intervals if iv.what not in ("start", "batch_done", "end")]),
             transport=strategy.transport_stats(),
             peak_bytes=torch.cuda.max_memory_allocated(ctx.device) if ctx.is_cuda else None,
             tokens=sum(b.tokens for b, _ in inputs),

@@ -28,9 +28,8 @@ class Generation:
 
 
 class TextEngine:
-    def __init__(self, ctx: RankContext, model: Model, decode_tokens, lockstep: bool, batch_size: int = 16, progress=None):
+    def __init__(self, ctx: RankContext, model: Model, decode_tokens, lockstep: bool, batch_size: int = 16):
         self.ctx = ctx
-        self.progress = progress or (lambda what: None)
         self.model = model
         self.decode_tokens = decode_tokens  # list[int] -> str
         self.lockstep = lockstep and ctx.world_size > 1
@@ -50,7 +49,7 @@ class TextEngine:
         total = self._agree_max(len(batches))
         for b in range(total):
             out.extend(self._generate_batch(batches[b] if b < len(batches) else [], max_new, stops))
-            self.progress(f"generate: batch {b + 1}/{total}")
+            self.ctx.progress(f"generate: batch {b + 1}/{total}")
         return out
 
     def _generate_batch(self, prompts: list[list[int]], max_new: int, stops: list[str]) -> list[Generation]:
@@ -92,7 +91,7 @@ class TextEngine:
         batches = [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         total = self._agree_max(len(batches))
         for b in range(total):
-            self.progress(f"loglikelihood: batch {b + 1}/{total}")
+            self.ctx.progress(f"loglikelihood: batch {b + 1}/{total}")
             batch = batches[b] if b < len(batches) else []
             seqs = [ctx + cont for ctx, cont in batch]
             tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.long)

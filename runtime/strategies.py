@@ -29,7 +29,6 @@ from .timeline import WAIT_COLLECTIVE, WAIT_PREFETCH, Timeline
 from .transport import Arena, Copy, PeerArena, align_up, prefetch_stream
 from .weights import WeightSource
 
-STRATEGIES = ("replicated", "dwdp", "ep", "ep-overlap")
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +44,6 @@ class StrategyOptions:
 
 
 class Strategy:
-    name = ""
-
     def __init__(self, ctx: RankContext, source: WeightSource, kernels: MoEKernels, options: StrategyOptions, timeline: Timeline):
         self.ctx = ctx
         self.source = source
@@ -75,14 +72,12 @@ class Strategy:
     def _layer(self, moe_layer: int) -> int:
         return moe_layer + self.cfg.first_k_dense_replace
 
-    def _experts(self, moe_layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, view: ExpertWeights) -> torch.Tensor:
+    def _experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, view: ExpertWeights) -> torch.Tensor:
         plan = build_plan(idx, weights, view.num_experts, self.options.align)
         return self.kernels.fc2(self.kernels.fc1(x, plan, view.w13), plan, view.w2)
 
 
 class Replicated(Strategy):
-    name = "replicated"
-
     def __init__(self, *args):
         super().__init__(*args)
         self.views = []
@@ -92,7 +87,7 @@ class Replicated(Strategy):
 
     def routed(self, moe_layer, x, topk_idx, topk_weights):
         self.timeline.mark("experts", self._layer(moe_layer))
-        return self._experts(moe_layer, x, topk_idx, topk_weights, self.views[moe_layer])
+        return self._experts(x, topk_idx, topk_weights, self.views[moe_layer])
         yield  # a generator that never waits
 
 
@@ -132,7 +127,7 @@ class ExpertPartition:
         """Fill in L or P from the other (or both, as evenly as possible), then validate."""
         n, e = group_size, num_experts
         if n == 1:
-            return ExpertPartition(e, 1, e, 0)
+            return ExpertPartition(e, 1, e if local is None else local, prefetch or 0)
         if prefetch is None and local is None:
             prefetch = e // n
         if prefetch is None:
@@ -146,15 +141,10 @@ class ExpertPartition:
     def local_range(self, r: int) -> tuple[int, int]:
         return self.prefetch * r, self.prefetch * r + self.local
 
-    def pulls(self, r: int) -> list[tuple[int, int, int]]:
-        """(peer, offset inside the peer's local experts, first global expert) in global expert order."""
-        out = []
-        for p in range(self.group_size):
-            if p < r:
-                out.append((p, 0, self.prefetch * p))
-            elif p > r:
-                out.append((p, self.local - self.prefetch, self.prefetch * p + self.local - self.prefetch))
-        return out
+    def pulls(self, r: int) -> list[tuple[int, int]]:
+        """(peer, offset of the pulled experts inside the peer's local ones), in global expert order:
+        from p < r experts [P*p, P*p + P), from p > r experts [P*p + L - P, P*p + L)."""
+        return [(p, 0 if p < r else self.local - self.prefetch) for p in range(self.group_size) if p != r]
 
 
 # The six tensors of one expert in NVFP4: (name, dtype, shape of one expert given (H, I)).
@@ -178,7 +168,7 @@ class ExpertBlock:
         offset = base
         for name, dtype, shape in _KINDS:
             one = shape(h, i)
-            size = torch.empty((), dtype=dtype).element_size()
+            size = dtype.itemsize
             for s in one:
                 size *= s
             self.offsets[name], self.shapes[name], self.expert_nbytes[name] = offset, (dtype, one), size
@@ -194,8 +184,6 @@ class ExpertBlock:
 
 
 class DWDP(Strategy):
-    name = "dwdp"
-
     def __init__(self, *args):
         super().__init__(*args)
         source, ctx, cfg, opt = self.source, self.ctx, self.cfg, self.options
@@ -239,15 +227,17 @@ class DWDP(Strategy):
             self.buffer_blocks.append(slots)
         self.buffer_arena = Arena(offset, ctx.device, fill=0xFF)
 
-        # One-time handle exchange with the group (host-side, gloo), then open the peers' arenas.
+        # One-time handle exchange with the group (host-side, gloo), then open the peers' arenas. The
+        # local experts must have landed before any peer can copy them.
+        ctx.synchronize()
         exported = ctx.all_gather_object(self.local_arena.export())
         self.peers = {p: PeerArena(exported[self.group_first + p], ctx.device) for p in range(n) if p != self.r}
 
         self.views = []
         for m in range(layers):
             buf = [slot.weights(self.buffer_arena) for slot in self.buffer_blocks[m % 2]]
-            below = [b for b, (p, _, _) in zip(buf, self.pulls) if p < self.r]
-            above = [b for b, (p, _, _) in zip(buf, self.pulls) if p > self.r]
+            below = [b for b, (p, _) in zip(buf, self.pulls) if p < self.r]
+            above = [b for b, (p, _) in zip(buf, self.pulls) if p > self.r]
             w13 = [b[0] for b in below] + [self.local[m][0]] + [b[0] for b in above]
             w2 = [b[1] for b in below] + [self.local[m][1]] + [b[1] for b in above]
             self.views.append(ExpertWeights(WeightView(w13), WeightView(w2)))
@@ -261,14 +251,15 @@ class DWDP(Strategy):
     def _copies(self, moe_layer: int) -> list[Copy]:
         """The copies that fill buffer (layer % 2) for `moe_layer`, in issue order."""
         per_peer = []
-        for (peer, peer_offset, _), slot in zip(self.pulls, self.buffer_blocks[moe_layer % 2]):
+        for (peer, peer_offset), slot in zip(self.pulls, self.buffer_blocks[moe_layer % 2]):
             src_block = self.local_blocks[moe_layer]
             copies = []
             for name in slot.offsets:
                 size = slot.expert_nbytes[name]
-                copies.append(
-                    Copy(self.buffer_arena, slot.offsets[name], self.peers[peer], src_block.offsets[name] + peer_offset * size, slot.n * size)
-                )
+                c = Copy(self.buffer_arena, slot.offsets[name], self.peers[peer], src_block.offsets[name] + peer_offset * size, slot.n * size)
+                # raw copies: a layout bug must fail here, not corrupt memory
+                assert c.dst_offset + c.nbytes <= c.dst.nbytes and c.src_offset + c.nbytes <= c.src.nbytes, c
+                copies.append(c)
             per_peer.append(copies)
         slice_bytes = self.options.slice_bytes
         if not slice_bytes:
@@ -291,7 +282,8 @@ class DWDP(Strategy):
             self._copied_bytes += c.nbytes
         done = self.stream.record()
         self.prefetch_done[moe_layer] = done
-        self._copy_windows.append((start, done))
+        if self.timeline.enabled:
+            self._copy_windows.append((start, done))
 
     def begin_forward(self) -> None:
         # Buffers may still be read by the previous forward's last layers: start after all of it.
@@ -305,7 +297,7 @@ class DWDP(Strategy):
         if not self.options.fault_skip_prefetch_wait:
             self.stream.compute_wait(self.prefetch_done[moe_layer])
         self.timeline.mark("experts", layer)
-        out = self._experts(moe_layer, x, topk_idx, topk_weights, self.views[moe_layer])
+        out = self._experts(x, topk_idx, topk_weights, self.views[moe_layer])
         self.compute_done[moe_layer] = self.stream.record_compute()
         if moe_layer + 2 < self.cfg.num_moe_layers:
             self._prefetch(moe_layer + 2, self.compute_done[moe_layer])
@@ -332,6 +324,13 @@ class DWDP(Strategy):
         self.buffer_arena.close()
 
 
+class _Done:
+    """A finished asynchronous operation."""
+
+    def wait(self) -> None:
+        pass
+
+
 def _slices(c: Copy, size: int) -> list[Copy]:
     return [
         Copy(c.dst, c.dst_offset + o, c.src, c.src_offset + o, min(size, c.nbytes - o)) for o in range(0, c.nbytes, size)
@@ -346,8 +345,6 @@ class EP(Strategy):
     back (combine) and sum each token's k rows in a fixed order. Each exchange is issued
     asynchronously and the generator yields, so `ep-overlap` can run the other micro-batch meanwhile.
     """
-
-    name = "ep"
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -369,17 +366,24 @@ class EP(Strategy):
         self._ring_next = 0
         self._sent_bytes = 0
 
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None):
+        """Asynchronous all-to-all; on a single rank, a copy (EP on one GPU moves nothing)."""
+        if self.ctx.world_size == 1:
+            out.copy_(inp)
+            return _Done()
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, async_op=True)
+
     def _exchange_counts(self, send_counts: torch.Tensor):
         """Start the exchange of per-destination row counts; `_host_counts` finishes it.
 
         On CUDA the device-to-host copy of both count vectors is queued now, on a side stream that
-        waits only for this exchange, so finishing it later does not wait for whatever the compute
-        stream queued in between (the other micro-batch's attention, under ep-overlap). The count
-        tensors travel in the returned tuple: freed earlier, the allocator could hand their memory
-        to the compute stream before the side stream has read them (seen: garbage counts, then a
-        hung all-to-all)."""
+        waits for the compute issued so far and this exchange, but not for what the compute stream
+        queues after it (the other micro-batch's attention, under ep-overlap), so finishing it later
+        does not wait for that. The count tensors travel in the returned tuple: freed earlier, the
+        allocator could hand their memory to the compute stream before the side stream has read
+        them (seen: garbage counts, then a hung all-to-all)."""
         recv_counts = torch.empty_like(send_counts)
-        work = dist.all_to_all_single(recv_counts, send_counts, async_op=True)
+        work = self._all_to_all(recv_counts, send_counts)
         if self.count_stream is None:
             return work, None, send_counts, recv_counts
         host = self._host_counts_ring[self._ring_next]
@@ -426,19 +430,16 @@ class EP(Strategy):
         log.debug("rank %d layer %d: dispatch send %s recv %s", r, layer, send_splits, recv_splits)
         recv_x = x.new_empty(sum(recv_splits), hidden)
         recv_meta = meta.new_empty(sum(recv_splits), 2)
-        works = [
-            dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, async_op=True),
-            dist.all_to_all_single(recv_meta, meta, recv_splits, send_splits, async_op=True),
-        ]
+        works = [self._all_to_all(recv_x, send_x, recv_splits, send_splits), self._all_to_all(recv_meta, meta, recv_splits, send_splits)]
         yield
         tl.mark(WAIT_COLLECTIVE, layer)
         for w in works:
             w.wait()
         tl.mark("experts", layer)
-        plan = build_plan(recv_meta[:, :1].long(), recv_meta[:, 1:].contiguous().view(torch.float32), self.per_rank, self.options.align)
-        y = self.kernels.fc2(self.kernels.fc1(recv_x, plan, self.views[moe_layer].w13), plan, self.views[moe_layer].w2)
+        # each received row is its own "token" with one choice: its local expert and router weight
+        y = self._experts(recv_x, recv_meta[:, :1].long(), recv_meta[:, 1:].contiguous().view(torch.float32), self.views[moe_layer])
         back = x.new_empty(t * k, hidden)
-        work = dist.all_to_all_single(back, y, send_splits, recv_splits, async_op=True)
+        work = self._all_to_all(back, y, send_splits, recv_splits)
         yield
         tl.mark(WAIT_COLLECTIVE, layer)
         work.wait()

@@ -70,9 +70,3 @@ def totals(intervals: list[Interval]) -> dict[str, float]:
         out[iv.what] += iv.duration_ms
     return dict(out)
 
-
-def per_layer(intervals: list[Interval]) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for iv in intervals:
-        out[iv.layer][iv.what] += iv.duration_ms
-    return {layer: dict(v) for layer, v in sorted(out.items())}

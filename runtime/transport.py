@@ -59,7 +59,7 @@ class Arena:
         count = 1
         for s in shape:
             count *= s
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if offset % ALIGN or offset + nbytes > self.nbytes:
             raise ValueError(f"arena view [{offset}, {offset + nbytes}) is misaligned or outside {self.nbytes} bytes")
         return self.data[offset : offset + nbytes].view(dtype).view(shape)
@@ -209,7 +209,6 @@ class CpuPrefetchStream:
     """A worker thread that runs wait/copy/record/delay in order, like a CUDA stream."""
 
     def __init__(self, device: torch.device):
-        self.device = device
         self._tasks: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="prefetch-stream", daemon=True)

@@ -6,7 +6,7 @@ batches are, and every strategy sees identical requests on identical ranks.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +27,6 @@ class WorkloadSpec:
             raise ValueError(f"mean input length {self.mean_len} must lie in [1, max tokens per batch = {self.max_tokens}]")
         if self.cv < 0:
             raise ValueError(f"length spread (cv) must be >= 0, got {self.cv}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -87,10 +84,6 @@ class Workload:
     def actual_cv(self) -> float:
         t = torch.tensor(self.lengths, dtype=torch.float64)
         return float(t.std(unbiased=False) / t.mean()) if len(self.lengths) > 1 else 0.0
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.lengths)
 
     @property
     def steps(self) -> int:

@@ -7,7 +7,8 @@ import pandas as pd
 import torch
 import pytest
 
-from dwdp_bench.accuracy import detectable_drop, merge_round_robin, pass_threshold, split_round_robin
+from dwdp_bench.accuracy import merge_round_robin, split_round_robin
+from dwdp_bench.gate import detectable_drop, pass_threshold
 from e2e_helpers import cli
 
 QUESTIONS = [

