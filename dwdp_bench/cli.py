@@ -162,7 +162,10 @@ def e2e(
     moved and GB/s, peak memory and routed-expert bytes per rank, and the last-token logit error
     against replicated. A per-rank timeline of the last repeat goes to <out>.timeline.json.
     """
-    from .e2e import plan_summary, validate
+    from dataclasses import asdict
+
+    from .e2e import validate
+    from .runtime.strategies import StrategyOptions
     from .launcher import LaunchError, launch
     from .results import sidecar, write_json
 
@@ -184,14 +187,18 @@ def e2e(
         "kernels": p["kernels"],
         "dtype": p["dtype"],
         "act_quant": p["act_quant"] == "nvfp4",
-        "align": p["align"],
-        "dwdp_size": p["dwdp_size"],
-        "dwdp_local": p["dwdp_local"],
-        "dwdp_prefetch": p["dwdp_prefetch"],
-        "slice_bytes": int(p["slice_mib"] * 2**20),
+        "options": asdict(
+            StrategyOptions(
+                align=p["align"],
+                dwdp_size=p["dwdp_size"],
+                dwdp_local=p["dwdp_local"],
+                dwdp_prefetch=p["dwdp_prefetch"],
+                slice_bytes=int(p["slice_mib"] * 2**20),
+                fault_delay_prefetch_s=p["fault_delay_prefetch"],
+                fault_skip_prefetch_wait=p["fault_skip_prefetch_wait"],
+            )
+        ),
         "seed": p["seed"],
-        "fault_delay_prefetch_s": p["fault_delay_prefetch"],
-        "fault_skip_prefetch_wait": p["fault_skip_prefetch_wait"],
         "progress": p["progress"],
         "device": dev,
         "device_name": device_name,
@@ -204,7 +211,7 @@ def e2e(
     from .envinfo import collect
 
     if _lead_process():
-        write_json(sidecar(Path(args["out"]), "env"), {"command": "e2e", "args": plan_summary(args), "env": collect()})
+        write_json(sidecar(Path(args["out"]), "env"), {"command": "e2e", "args": args, "env": collect()})
     try:
         launch("e2e", args, n, dev, p["timeout"], p["master_addr"])
     except LaunchError as e:
@@ -248,7 +255,9 @@ def gsm8k(
     step prefetches every routed expert (correct, slow: DWDP is a prefill technique).
     """
     from .accuracy import check_data
-    from .e2e import plan_summary
+    from dataclasses import asdict
+
+    from .runtime.strategies import StrategyOptions
     from .launcher import LaunchError, launch
     from .results import sidecar, write_json
 
@@ -271,14 +280,13 @@ def gsm8k(
         "num_fewshot": p["num_fewshot"], "max_gen_toks": p["max_gen_toks"], "batch_size": p["batch_size"], "strategies": names,
         "rerun_reference": p["rerun_reference"], "reference": p["reference"], "metric": p["metric"], "kernels": p["kernels"],
         "dtype": p["dtype"], "act_quant": p["act_quant"] == "nvfp4", "seed": p["seed"], "device": dev, "device_name": device_name,
-        "align": 1, "dwdp_size": None, "dwdp_local": None, "dwdp_prefetch": None, "slice_bytes": 0,
-        "fault_delay_prefetch_s": 0.0, "fault_skip_prefetch_wait": False,
+        "options": asdict(StrategyOptions()),
         "out": _new_out("accuracy", p["out"]),
     }
     from .envinfo import collect
 
     if _lead_process():
-        write_json(sidecar(Path(args["out"]), "env"), {"command": "accuracy gsm8k", "args": plan_summary(args), "env": collect()})
+        write_json(sidecar(Path(args["out"]), "env"), {"command": "accuracy gsm8k", "args": args, "env": collect()})
     try:
         launch("accuracy", args, n, dev, p["timeout"], p["master_addr"])
     except LaunchError as e:

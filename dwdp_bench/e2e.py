@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,15 +38,8 @@ GIB = 2**30
 
 
 def strategy_options(a: dict) -> StrategyOptions:
-    return StrategyOptions(
-        align=a["align"],
-        dwdp_size=a["dwdp_size"],
-        dwdp_local=a["dwdp_local"],
-        dwdp_prefetch=a["dwdp_prefetch"],
-        slice_bytes=a["slice_bytes"],
-        fault_delay_prefetch_s=a["fault_delay_prefetch_s"],
-        fault_skip_prefetch_wait=a["fault_skip_prefetch_wait"],
-    )
+    """The job's StrategyOptions (they travel to the ranks as a dict, inside the JSON job file)."""
+    return StrategyOptions(**a["options"])
 
 
 def _logit_diff(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
@@ -170,7 +162,8 @@ def _row(a: dict, cfg, name: str, kernel_name: str, workload: Workload, repeat: 
         expected = cfg.num_moe_layers * cfg.n_routed_experts * per_expert
     diffs = [r["diff"] for r in ranks if r["diff"][0] is not None]
     peaks = [r["peak_bytes"] for r in ranks if r["peak_bytes"] is not None]
-    faults = [k for k in ("fault_delay_prefetch_s", "fault_skip_prefetch_wait") if a[k]]
+    o = a["options"]
+    faults = [k for k in ("fault_delay_prefetch_s", "fault_skip_prefetch_wait") if o[k]]
     return {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": a["model"],
@@ -180,7 +173,7 @@ def _row(a: dict, cfg, name: str, kernel_name: str, workload: Workload, repeat: 
         "dwdp_size": partition.group_size if partition else None,
         "dwdp_local": partition.local if partition else None,
         "dwdp_prefetch": partition.prefetch if partition else None,
-        "slice_bytes": a["slice_bytes"] if name == "dwdp" else None,
+        "slice_bytes": o["slice_bytes"] if name == "dwdp" else None,
         "kernels": kernel_name,
         "dtype": a["dtype"],
         "device": a["device_name"],
@@ -227,11 +220,6 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
-def plan_summary(a: dict) -> dict:
-    """The run's parameters as recorded next to the rows."""
-    return {k: (str(v) if k == "out" else v) for k, v in a.items()} | {"options": asdict(strategy_options(a))}
-
-
 def validate(a: dict, world: int) -> None:
     """Everything that can be checked before any rank starts; raises ValueError with what to change."""
     from .kernels import KERNEL_NAMES
@@ -245,18 +233,19 @@ def validate(a: dict, world: int) -> None:
         raise ValueError("--kernels grouped needs CUDA GPUs; use --kernels torch on CPU")
     if a["repeats"] < 1 or a["warmup"] < 1:
         raise ValueError("--repeats and --warmup must be >= 1 (the first, unmeasured pass also checks logits against replicated)")
-    if a["align"] < 1:
+    o = a["options"]
+    if o["align"] < 1:
         raise ValueError("--align must be >= 1")
-    if a["slice_bytes"] < 0 or a["fault_delay_prefetch_s"] < 0:
+    if o["slice_bytes"] < 0 or o["fault_delay_prefetch_s"] < 0:
         raise ValueError("--slice-mib and --fault-delay-prefetch must be >= 0")
     if not a["cvs"]:
         raise ValueError("--cv needs at least one spread")
     for cv in a["cvs"]:
         WorkloadSpec(a["requests_per_rank"], a["isl"], cv, a["max_tokens"], a["seed"]).validate()
     if "dwdp" in a["strategies"]:
-        n = a["dwdp_size"] or world
+        n = o["dwdp_size"] or world
         if world % n:
             raise ValueError(f"--dwdp-size {n} does not divide the number of ranks {world}")
-        ExpertPartition.default(cfg.n_routed_experts, n, a["dwdp_local"], a["dwdp_prefetch"])
+        ExpertPartition.default(cfg.n_routed_experts, n, o["dwdp_local"], o["dwdp_prefetch"])
     if any(s.startswith("ep") for s in a["strategies"]) and cfg.n_routed_experts % world:
         raise ValueError(f"EP needs the {cfg.n_routed_experts} routed experts to divide evenly over {world} ranks")
