@@ -2,6 +2,7 @@
 
     torch    plain torch, any device: the reference (kernels/reference.py)
     grouped  CUDA: Triton NVFP4 decode + torch._grouped_mm + Triton epilogues (kernels/grouped.py)
+    cute     Hopper (sm_90): fused CuTe DSL kernels, NVFP4 decoded in the kernel (kernels/cute_moe.py)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from .interface import ExpertWeights, MoEKernels, RoutingPlan, WeightView, build_plan
 from .nvfp4 import NVFP4Weights
 
-KERNEL_NAMES = ("torch", "grouped")
+KERNEL_NAMES = ("torch", "grouped", "cute")
 
 
 def default_kernels(device: torch.device | str) -> str:
@@ -35,6 +36,12 @@ def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) 
         from .grouped import GroupedTritonKernels
 
         return GroupedTritonKernels(act_quant)
+    if name == "cute":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+            raise ValueError("kernels 'cute' run on Hopper (sm_90) GPUs only; use --kernels grouped or torch")
+        from .fused import FusedCuteKernels
+
+        return FusedCuteKernels(act_quant)
     raise ValueError(f"unknown kernels {name!r}; choose one of: {', '.join(KERNEL_NAMES)}")
 
 

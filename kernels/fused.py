@@ -1,0 +1,90 @@
+"""The fused Hopper NVFP4 MoE kernels (kernels/cute_moe.py) behind the `MoEKernels` interface.
+
+FC1 and FC2 are one CuTe DSL kernel each; what stays on the host side is building their small inputs
+on the device without waiting on it: the per-expert row tile table, the per-expert pointer tables of
+a weight view (cached by segment addresses, so a DWDP prefetch buffer reused every other layer hits
+the cache), and per-row scales. EP's combine (`reduce_rows`) is the Triton one of kernels/grouped.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cute_moe import TILE_M, TILE_N, check_shape, compile_gemm
+from .grouped import GroupedTritonKernels
+from .interface import RoutingPlan, WeightView
+
+_POINTER_CACHE_SIZE = 64
+
+
+def tile_table(plan: RoutingPlan) -> torch.Tensor:
+    """[tiles, 3] int32 (expert, first row, expert's end row) of every TILE_M-row tile of every expert,
+    padded with empty tiles (first row == end row) to the static bound ceil(R / TILE_M) + E."""
+    offsets = plan.expert_offsets
+    e = plan.num_experts
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts + TILE_M - 1) // TILE_M
+    tile_ends = torch.cumsum(tiles, 0)
+    index = torch.arange((plan.num_rows + TILE_M - 1) // TILE_M + e, device=offsets.device)
+    expert = torch.searchsorted(tile_ends, index, right=True).clamp(max=e - 1)
+    first = offsets[expert] + (index - (tile_ends[expert] - tiles[expert])) * TILE_M
+    end = offsets[expert + 1]
+    first = torch.where(index < tile_ends[-1], first, end)
+    return torch.stack([expert, first, end], dim=1).to(torch.int32)
+
+
+class FusedCuteKernels(GroupedTritonKernels):
+    """FC1 = gather + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused."""
+
+    name = "cute"
+
+    def __init__(self, act_quant: bool = False, tile_n: int = TILE_N, stages: int = 3):
+        super().__init__(act_quant)
+        self.tile_n, self.stages = tile_n, stages
+        self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pointer_tables(self, view: WeightView) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E] int64 base addresses of each expert's packed codes and block scales, in expert order."""
+        key = tuple((s.packed.data_ptr(), s.packed.stride(), s.block_scale.data_ptr(), s.block_scale.stride(), s.num_experts) for s in view.segments)
+        if key not in self._pointers:
+            codes, scales = [], []
+            for seg in view.segments:
+                if not (seg.packed[0].is_contiguous() and seg.block_scale[0].is_contiguous()):
+                    raise ValueError("the CuTe DSL kernels need each expert's packed codes and block scales contiguous")
+                codes += [seg.packed.data_ptr() + i * seg.packed.stride(0) for i in range(seg.num_experts)]
+                scales += [seg.block_scale.data_ptr() + i * seg.block_scale.stride(0) for i in range(seg.num_experts)]
+            if any(p % 16 for p in codes) or any(p % 4 for p in scales):
+                raise ValueError("the CuTe DSL kernels need expert weights 16-byte aligned and block scales 4-byte aligned")
+            if len(self._pointers) >= _POINTER_CACHE_SIZE:
+                self._pointers.clear()
+            device = view.segments[0].device
+            table = torch.tensor(codes + scales, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+            self._pointers[key] = (table[: len(codes)], table[len(codes) :])
+        return self._pointers[key]
+
+    def fc1(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView) -> torch.Tensor:
+        out = torch.empty(plan.num_rows, w13.n // 2, dtype=torch.bfloat16, device=x.device)
+        return self.fc1_into(x, plan, w13, out)
+
+    def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
+        """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
+        check_shape(True, w13.n, w13.k, x)
+        if plan.num_tokens:
+            codes, scales = self.pointer_tables(w13)
+            compile_gemm(True, w13.n, w13.k, self.tile_n, self.stages)(
+                self._input(x).contiguous(), plan.row_token.to(torch.int32), codes, scales,
+                1.0 / w13.global_scales(), tile_table(plan), out,
+            )
+        return out
+
+    def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+        check_shape(False, w2.n, w2.k, h)
+        out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
+        if plan.num_tokens:
+            codes, scales = self.pointer_tables(w2)
+            coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
+            coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
+            compile_gemm(False, w2.n, w2.k, self.tile_n, self.stages)(
+                self._input(h).contiguous(), plan.row_token.to(torch.int32), codes, scales, coef, tile_table(plan), out,
+            )
+        return out.to(h.dtype)

@@ -1,0 +1,85 @@
+"""The fused CuTe DSL kernels: both compile for sm_90a on any machine (so a broken kernel fails CI on CPU),
+and on a Hopper GPU they match the torch reference on ragged, empty and segmented expert layouts."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from dwdp_bench.kernels import WeightView, build_plan, get_kernels
+from dwdp_bench.kernels.nvfp4 import quantize
+
+needs_cute = pytest.mark.skipif(importlib.util.find_spec("cutlass") is None, reason="CuTe DSL (nvidia-cutlass-dsl) not installed")
+on_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper (sm_90) GPU"
+)
+
+# (experts, hidden, intermediate): DeepSeek-V3-Lite and DeepSeek-V3 expert shapes
+MODEL_SHAPES = [(72, 2560, 1536), (256, 7168, 2048)]
+
+
+@needs_cute
+@pytest.mark.parametrize("e,h,inter", MODEL_SHAPES)
+def test_kernels_compile_for_sm90a(e, h, inter, monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    from dwdp_bench.kernels.cute_moe import compile_gemm
+
+    assert compile_gemm(True, 2 * inter, h) is not None
+    assert compile_gemm(False, h, inter) is not None
+
+
+@needs_cute
+def test_unsupported_shapes_are_refused_clearly():
+    from dwdp_bench.kernels.cute_moe import check_shape
+
+    with pytest.raises(ValueError, match="K % 64 == 0 and N % 128 == 0.*--kernels grouped"):
+        check_shape(True, 64, 64)  # the tiny model's FC1
+    with pytest.raises(ValueError, match="bf16 CUDA activations"):
+        check_shape(False, 256, 128, torch.zeros(4, 128))
+
+
+def _case(e, h, inter, t, k, align, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # unit-variance outputs, so that one absolute tolerance fits every shape
+    w13 = quantize(torch.randn(e, 2 * inter, h, device="cuda", generator=g) * h**-0.5)
+    w2 = quantize(torch.randn(e, h, inter, device="cuda", generator=g) * inter**-0.5)
+    x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
+    logits = torch.randn(t, e, device="cuda", generator=g) + torch.linspace(3, -3, e, device="cuda")  # skewed
+    logits[:, 1] = -1e9  # expert 1 gets no rows
+    idx = logits.topk(k, dim=-1).indices
+    weights = torch.rand(t, k, device="cuda", generator=g)
+    plan = build_plan(idx, weights, e, align)
+    # the view as DWDP gives it: segments that live in different allocations
+    v13 = WeightView([w13.experts(0, 2), w13.experts(2, e)])
+    v2 = WeightView([w2.experts(0, e - 1), w2.experts(e - 1, e)])
+    return x, plan, v13, v2
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 256, 128, 300, 2, 1), (16, 512, 256, 2048, 6, 1), (9, 256, 192, 513, 3, 16), (72, 2560, 1536, 700, 6, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cute_kernels_match_reference(shape, seed):
+    x, plan, v13, v2 = _case(*shape, seed)
+    ref, fused = get_kernels("torch", "cuda"), get_kernels("cute", "cuda")
+    h_ref = ref.fc1(x, plan, v13)
+    h = fused.fc1_into(x, plan, v13, torch.full_like(h_ref, float("nan")))  # poisoned: every expert row must be written
+    written = int(plan.expert_offsets[-1])
+    assert torch.isfinite(h[:written]).all()
+    used = plan.token_rows.flatten()
+    torch.testing.assert_close(h[used], h_ref[used], rtol=2e-2, atol=2e-2)
+    out_ref, out = ref.fc2(h_ref, plan, v2), fused.fc2(h_ref, plan, v2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=5e-2)
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+def test_cute_kernels_with_no_tokens():
+    x, plan, v13, v2 = _case(8, 256, 128, 0, 2, 1, 0)
+    fused = get_kernels("cute", "cuda")
+    assert fused.fc1(x, plan, v13).shape == (0, 128)
+    assert fused.fc2(torch.zeros(0, 128, dtype=torch.bfloat16, device="cuda"), plan, v2).shape == (0, 256)
