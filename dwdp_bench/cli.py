@@ -299,22 +299,37 @@ def kernels(
     suite: Optional[str] = typer.Option(None, help=SUITE_HELP),
     device: Optional[str] = typer.Option(None, help="cuda or cpu. Default: cuda when a GPU is visible."),
     models: Optional[str] = typer.Option(None, help="Model shapes, comma-separated. Default: deepseek-v3-lite,deepseek-v3 on GPU, tiny on CPU."),
-    tokens: Optional[str] = typer.Option(None, help="Tokens per case (routed rows = tokens x top-k), comma-separated. Default: 1024,8192,32768,65536 on GPU, 64,256 on CPU."),
+    tokens: Optional[str] = typer.Option(None, help="Tokens per case (routed rows = tokens x top-k), comma-separated; for the transport cases, tokens per rank. Default: 1024,8192,32768,65536 on GPU, 64,256 on CPU."),
     skew: str = typer.Option("0,2", help="Routing skew per case: 0 = uniform expert load; 2 = the first experts get far more tokens."),
-    impls: Optional[str] = typer.Option(None, help="Kernel implementations to time. Default: every one that runs on the device (torch, grouped)."),
+    impls: Optional[str] = typer.Option(None, help="Kernel implementations to time. Default: every one that runs on the device (torch; on GPU also grouped, cute)."),
+    transport: Optional[bool] = typer.Option(
+        None, "--transport/--no-transport",
+        help="Also run the transport cases on N ranks (started and watched like e2e's): for one MoE layer, DWDP's prefetch "
+        "(bytes, ms, GB/s) next to a plain peer copy of the same bytes, the FC1-shaped bf16 GEMM alone and while the prefetch "
+        "runs (slowdown), and EP's dispatch + combine all-to-alls. Rows go to <out>.transport.csv. "
+        "Default: on when this host has 2 or more GPUs and --device is cuda.",
+    ),
+    ranks: Optional[int] = typer.Option(None, help="Ranks of the transport cases: GPUs (one rank each), or CPU ranks with --device cpu. Default: every visible GPU; 2 CPU ranks."),
     out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/kernels-<UTC time>.csv."),
     seed: int = typer.Option(0, help="Seed of the random inputs and weights."),
+    timeout: float = typer.Option(300.0, help="Seconds a transport rank may go without progress before the run is declared hung and stopped."),
 ) -> None:
     """MoE kernel microbenchmarks on one device: FC1 (gather + grouped GEMM + SwiGLU) and FC2 (grouped
     GEMM + finalize) per implementation, with time, TFLOP/s and the fraction of a dense bf16 matmul's
     speed with the same FLOPs (the ceiling), next to the GEMM alone on pre-decoded weights
-    (torch._grouped_mm) measured in the same run. One CSV row per (case, stage, implementation).
-    The Hopper CuTe DSL kernels and the transport cases (DWDP prefetch, EP all-to-all) are not here yet.
+    (torch._grouped_mm) and, on Hopper, quack's dense NVFP4 x bf16 GEMM (quack-w4a16) with the same
+    M, N, K, all measured in the same run. One CSV row per (case, stage, implementation).
+
+    With --transport (default with >= 2 GPUs), what moves between ranks for one MoE layer: DWDP's
+    prefetch as the forward pass issues it vs a plain peer copy, the GEMM slowdown it causes, and EP's
+    all-to-all dispatch + combine; one row per (case, measurement) in <out>.transport.csv.
     """
     import torch
 
     from .kernelbench import COLUMNS, Case, available_impls, run_case, table
-    from .results import RowWriter
+    from .launcher import LaunchError, launch
+    from .results import RowWriter, check_new, sidecar
+    from .transportbench import validate
 
     p = _suite_values(ctx, kernels, suite, "kernels", locals())
     dev = torch.device(p["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -323,6 +338,7 @@ def kernels(
     gpu = dev.type == "cuda"
     model_names = [m.strip() for m in (p["models"] or ("deepseek-v3-lite,deepseek-v3" if gpu else "tiny")).split(",") if m.strip()]
     token_counts = [int(t) for t in _csv_floats(p["tokens"] or ("1024,8192,32768,65536" if gpu else "64,256"), "--tokens")]
+    skews = _csv_floats(p["skew"], "--skew")
     names = _csv_names(p["impls"], available_impls(dev), "kernel implementation") if p["impls"] else available_impls(dev)
     if "torch" not in names:
         names = ["torch", *names]  # the reference every ratio is taken against
@@ -333,9 +349,18 @@ def kernels(
             get_config(m)
     except ValueError as e:
         _fail(str(e))
-    writer = RowWriter(Path(_new_out("kernels", p["out"])), COLUMNS)
+    out_path = Path(_new_out("kernels", p["out"]))
+    run_transport = p["transport"] if p["transport"] is not None else gpu and torch.cuda.device_count() >= 2
+    if run_transport:
+        _, n, _ = resolve_ranks(None, dev.type, p["ranks"])
+        try:
+            validate(model_names, n)
+            transport_out = check_new(sidecar(out_path, "transport", ".csv"))
+        except ValueError as e:
+            _fail(str(e))
+    writer = RowWriter(out_path, COLUMNS)
     rows = []
-    cases = [Case(m, t, s) for m in model_names for t in token_counts for s in _csv_floats(p["skew"], "--skew")]
+    cases = [Case(m, t, s) for m in model_names for t in token_counts for s in skews]
     for i, case in enumerate(cases):
         console.print(f"[{i + 1}/{len(cases)}] {case.model} tokens={case.tokens} skew={case.skew:g}")
         for row in run_case(case, dev, names, p["seed"]):
@@ -343,6 +368,15 @@ def kernels(
             rows.append(row)
     Console().print(table(rows))
     Console().print(f"rows: {writer.path}")
+    if run_transport:
+        if gpu:
+            torch.cuda.empty_cache()  # the ranks need the memory the kernel cases cached
+        console.print(f"transport cases on {n} {'GPUs' if gpu else 'CPU ranks'}")
+        args = {"models": model_names, "tokens": token_counts, "skew": skews, "seed": p["seed"], "out": str(transport_out)}
+        try:
+            launch("transport", args, n, dev.type, p["timeout"])
+        except LaunchError as e:
+            _fail(str(e), code=1)
 
 
 @app.command()

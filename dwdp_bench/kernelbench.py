@@ -5,6 +5,9 @@ grouped GEMM + finalize), each implementation's median time and TFLOP/s, next to
 
     bf16-grouped-gemm   torch._grouped_mm on weights decoded beforehand: the GEMM alone
     dense-bf16          one cuBLAS (or CPU) bf16 matmul with the same FLOPs: the ceiling
+    quack-w4a16         Hopper only: quack-kernels' dense NVFP4-weight x bf16 GEMM (`gemm_w4a16`) with
+                        the same M (routed rows), N and K, on one expert's weights: what decoding NVFP4
+                        in registers costs a dense GEMM, the bar for the grouped kernels
 
 FLOPs count only the rows tokens use (2 x rows x N x K). Inputs are fresh random data (never zeros);
 GPU times are CUDA-event medians from triton.testing.do_bench after warm-up.
@@ -50,6 +53,12 @@ def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) 
     return statistics.median(times)
 
 
+def route(tokens: int, experts: int, top_k: int, skew: float, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-k routing (weights, expert ids), each `[tokens, top_k]`; `skew` as in `Case`."""
+    logits = torch.randn(tokens, experts, device=device, generator=gen) + skew * torch.linspace(1, -1, experts, device=device)
+    return torch.softmax(logits, -1).topk(top_k, dim=-1)
+
+
 def _experts(e: int, n: int, k: int, device: torch.device, gen: torch.Generator) -> NVFP4Weights:
     """Random NVFP4 experts, quantised a few experts at a time to bound the fp32 temporary."""
     chunk = max(1, (1 << 28) // (n * k))
@@ -57,15 +66,40 @@ def _experts(e: int, n: int, k: int, device: torch.device, gen: torch.Generator)
     return NVFP4Weights.cat(parts)
 
 
+def quack_w4a16_runs(device: torch.device, k: int) -> bool:
+    """quack's W4A16 GEMM needs a Hopper GPU, quack-kernels importable, and K a multiple of its 64-wide k-tile."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or k % 64:
+        return False
+    try:
+        import quack.gemm_w4  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quack_w4a16(act: torch.Tensor, w: NVFP4Weights):
+    """A call of quack's dense `gemm_w4a16`: `act [M, K] @ w[0]^T` on expert 0's NVFP4 weights `[N, K]`.
+
+    quack's "nvfp4" format is ours, byte for byte: packed e2m1 `[N, K/2]` with the low nibble the even
+    k, and one e4m3 scale per 16 k, `[N, K/16]`, that already holds our global scale, so the weights are
+    (e2m1 x scale) x (1 / global_scale[0]) and the reciprocal is quack's per-tensor epilogue alpha.
+    `prepare_w4_weight` repacks both once into the WGMMA fragment order (N padded to 128)."""
+    from quack.gemm_w4 import gemm_w4a16, prepare_w4_weight
+
+    blob, sf = prepare_w4_weight(w.packed[0], w.block_scale[0], wformat="nvfp4")
+    alpha, n = 1.0 / float(w.global_scale[0]), w.shape[1]
+    return lambda: gemm_w4a16(act, blob, sf, tensor_scale=alpha, n_out=n, wformat="nvfp4")
+
+
 def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> list[dict]:
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(case.tokens, h, device=device, generator=gen).bfloat16()
-    logits = torch.randn(case.tokens, e, device=device, generator=gen) + case.skew * torch.linspace(1, -1, e, device=device)
-    weights, idx = torch.softmax(logits, -1).topk(k, dim=-1)
+    weights, idx = route(case.tokens, e, k, case.skew, device, gen)
     plan = build_plan(idx, weights, e)
-    w13, w2 = WeightView([_experts(e, 2 * inter, h, device, gen)]), WeightView([_experts(e, h, inter, device, gen)])
+    q13, q2 = _experts(e, 2 * inter, h, device, gen), _experts(e, h, inter, device, gen)
+    w13, w2 = WeightView([q13]), WeightView([q2])
     rows = case.tokens * k
     flops = {"fc1": 2 * rows * h * 2 * inter, "fc2": 2 * rows * inter * h}
     hidden = get_kernels("torch", device).fc1(x, plan, w13)
@@ -76,6 +110,8 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
     timings: dict[tuple[str, str], float] = {}
     for stage in ("fc1", "fc2"):
         timings[(stage, "dense-bf16")] = bench(lambda: dense_a[stage] @ dense_b[stage], device)
+        if quack_w4a16_runs(device, dense_a[stage].shape[1]):
+            timings[(stage, "quack-w4a16")] = bench(quack_w4a16(dense_a[stage], q13 if stage == "fc1" else q2), device)
         timings[(stage, "bf16-grouped-gemm")] = bench(
             (lambda: grouped_gemm(gathered, dec13, plan)) if stage == "fc1" else (lambda: grouped_gemm(hidden, dec2, plan)), device
         )

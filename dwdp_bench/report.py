@@ -79,7 +79,10 @@ def plot_kernels(df: pd.DataFrame, path: Path, model: str) -> None:
         part = df[(df.stage == stage) & (df["skew"] == df["skew"].min())]
         for impl, rows in part.groupby("impl"):
             rows = rows.sort_values("routed_rows")
-            style = {"dense-bf16": dict(color="black", linestyle="--"), "bf16-grouped-gemm": dict(color="#7f7f7f", linestyle=":")}.get(impl, {})
+            style = {
+                "dense-bf16": dict(color="black", linestyle="--"), "bf16-grouped-gemm": dict(color="#7f7f7f", linestyle=":"),
+                "quack-w4a16": dict(color="#2ca02c", linestyle="-."),
+            }.get(impl, {})
             ax.plot(rows.routed_rows, rows.tflops, marker="o", label=impl, **style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("routed rows (tokens x top-k)")

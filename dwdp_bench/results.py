@@ -17,9 +17,9 @@ def default_path(command: str, out: Path | None) -> Path:
     return Path("results") / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.csv"
 
 
-def sidecar(csv_path: Path, kind: str) -> Path:
-    """A file beside a results CSV: results/e2e-x.csv -> results/e2e-x.<kind>.json."""
-    return csv_path.with_name(f"{csv_path.stem}.{kind}.json")
+def sidecar(csv_path: Path, kind: str, suffix: str = ".json") -> Path:
+    """A file beside a results CSV: results/e2e-x.csv -> results/e2e-x.<kind>.json (or <kind><suffix>)."""
+    return csv_path.with_name(f"{csv_path.stem}.{kind}{suffix}")
 
 
 def check_new(path: Path) -> Path:

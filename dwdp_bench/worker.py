@@ -21,6 +21,7 @@ import traceback
 JOBS = {
     "e2e": "dwdp_bench.e2e:rank_main",
     "accuracy": "dwdp_bench.accuracy:rank_main",
+    "transport": "dwdp_bench.transportbench:rank_main",
 }
 
 

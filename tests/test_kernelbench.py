@@ -1,7 +1,13 @@
-"""`dwdp-bench kernels` on CPU: every implementation and both baselines, per case and stage."""
+"""`dwdp-bench kernels` on CPU: every implementation and both baselines, per case and stage; quack's
+W4A16 baseline reads our NVFP4 layout as it is (its GEMM on a Hopper GPU)."""
 
 import csv
 
+import pytest
+import torch
+
+from dwdp_bench.kernelbench import quack_w4a16, quack_w4a16_runs
+from dwdp_bench.kernels.nvfp4 import dequantize, quantize
 from e2e_helpers import cli
 
 
@@ -9,6 +15,7 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
     out = tmp_path / "k.csv"
     done = cli("kernels", "--device", "cpu", "--tokens", "32,80", "--skew", "0,2", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "k.transport.csv").exists()  # transport cases are off by default without 2 GPUs
     rows = list(csv.DictReader(out.open()))
     cases = {(r["tokens"], r["skew"]) for r in rows}
     assert cases == {("32", "0"), ("32", "2"), ("80", "0"), ("80", "2")}
@@ -25,7 +32,31 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
 
 
 def test_kernels_rejects_unknown_names(tmp_path):
-    done = cli("kernels", "--device", "cpu", "--impls", "cute", "--out", str(tmp_path / "k.csv"), timeout=120)
+    done = cli("kernels", "--device", "cpu", "--impls", "no-such-kernels", "--out", str(tmp_path / "k.csv"), timeout=120)
     assert done.returncode == 2 and "unknown kernel implementation" in done.stderr
     done = cli("kernels", "--device", "cpu", "--models", "gpt-5", "--out", str(tmp_path / "k.csv"), timeout=120)
     assert done.returncode == 2 and "unknown model config" in done.stderr
+
+
+def test_quack_nvfp4_format_is_ours():
+    """quack's "nvfp4" reference dequantisation of our packed codes and scales, with 1 / global scale as
+    the per-tensor scale, gives our weights: the mapping the quack-w4a16 baseline relies on."""
+    pytest.importorskip("quack")
+    from quack.blockscaled.nvfp4_utils import dequant_nvfp4_reference
+
+    q = quantize(torch.randn(2, 192, 128))
+    for e in range(2):
+        theirs = dequant_nvfp4_reference(q.packed[e], q.block_scale[e], 1.0 / float(q.global_scale[e]))
+        torch.testing.assert_close(theirs, dequantize(q)[e], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_quack_w4a16_matches_dequantised_matmul():
+    if not quack_w4a16_runs(torch.device("cuda"), 512):
+        pytest.skip("quack-w4a16 needs a Hopper GPU and quack-kernels")
+    gen = torch.Generator("cuda").manual_seed(0)
+    w = quantize(torch.randn(1, 320, 512, device="cuda", generator=gen) * 512**-0.5)
+    act = torch.randn(1024, 512, device="cuda", generator=gen).bfloat16()
+    out = quack_w4a16(act, w)()
+    assert out.shape == (1024, 320)
+    torch.testing.assert_close(out.float(), act.float() @ dequantize(w)[0].T, rtol=2e-2, atol=2e-2)
