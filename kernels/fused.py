@@ -8,13 +8,21 @@ the cache), and per-row scales. EP's combine (`reduce_rows`) is the Triton one o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .cute_moe import TILE_M, TILE_N, check_shape, compile_gemm
+from .cute_moe import TILE_M, check_shape, compile_gemm
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, WeightView
 
 _POINTER_CACHE_SIZE = 64
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """The kernels are persistent: one CTA per SM."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def tile_table(plan: RoutingPlan) -> torch.Tensor:
@@ -38,9 +46,9 @@ class FusedCuteKernels(GroupedTritonKernels):
 
     name = "cute"
 
-    def __init__(self, act_quant: bool = False, tile_n: int = TILE_N, stages: int = 3):
+    def __init__(self, act_quant: bool = False, stages: int = 5, lag: int = 2):
         super().__init__(act_quant)
-        self.tile_n, self.stages = tile_n, stages
+        self.stages, self.lag = stages, lag
         self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pointer_tables(self, view: WeightView) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +79,9 @@ class FusedCuteKernels(GroupedTritonKernels):
         check_shape(True, w13.n, w13.k, x)
         if plan.num_tokens:
             codes, scales = self.pointer_tables(w13)
-            compile_gemm(True, w13.n, w13.k, self.tile_n, self.stages)(
+            compile_gemm(True, w13.n, w13.k, self.stages, self.lag)(
                 self._input(x).contiguous(), plan.row_token.to(torch.int32), codes, scales,
-                1.0 / w13.global_scales(), tile_table(plan), out,
+                1.0 / w13.global_scales(), tile_table(plan), out, _sm_count(x.device),
             )
         return out
 
@@ -84,7 +92,8 @@ class FusedCuteKernels(GroupedTritonKernels):
             codes, scales = self.pointer_tables(w2)
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
-            compile_gemm(False, w2.n, w2.k, self.tile_n, self.stages)(
+            compile_gemm(False, w2.n, w2.k, self.stages, self.lag)(
                 self._input(h).contiguous(), plan.row_token.to(torch.int32), codes, scales, coef, tile_table(plan), out,
+                _sm_count(h.device),
             )
         return out.to(h.dtype)
