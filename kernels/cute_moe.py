@@ -41,26 +41,27 @@ import torch
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass._mlir.dialects import llvm
-from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass import pipeline
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
-from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts
+from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts, prmt
 
-TILE_M = 128  # rows (routed tokens) per work tile: two consumer warpgroups of 64
-TILE_N = 128  # weight rows per work tile (FC1: 64 gate + 64 up -> 64 output columns)
+TILE_W = 128  # weight rows per work tile: two consumer warpgroups of 64 (FC1: 64 gate + 64 up rows)
+TILE_M = 256  # routed-token rows per work tile (the wgmma N)
 TILE_K = 64
-PRODUCER_THREADS = 256  # warpgroups 0 and 1: loads and decode, two threads per tile row
-THREADS = PRODUCER_THREADS + 256  # warpgroups 2 and 3: wgmma and epilogue
+PRODUCER_THREADS = 128  # warpgroup 0: cp.async loads only
+CONSUMER_THREADS = 256  # warpgroups 1 and 2: decode, wgmma, epilogue
+THREADS = PRODUCER_THREADS + CONSUMER_THREADS
 BLOCK = 16  # NVFP4 block: one e4m3 scale per 16 k
 
 
 def check_shape(fc1: bool, n: int, k: int, a=None) -> None:
     """Clear errors for what the kernels do not cover: weight shape [N, K] of one expert, activations `a`."""
-    if k % TILE_K or n % TILE_N:
+    if k % (2 * TILE_K) or n % TILE_W:
         raise ValueError(
-            f"the CuTe DSL MoE kernels need K % {TILE_K} == 0 and N % {TILE_N} == 0 (got N={n}, K={k}); "
+            f"the CuTe DSL MoE kernels need K % {2 * TILE_K} == 0 and N % {TILE_W} == 0 (got N={n}, K={k}); "
             "use --kernels grouped or torch for this model"
         )
     if a is not None and (a.dtype != torch.bfloat16 or a.shape[-1] != k or not a.is_cuda):
@@ -70,14 +71,12 @@ def check_shape(fc1: bool, n: int, k: int, a=None) -> None:
 class MoEGemmSm90:
     """One grouped NVFP4 GEMM with a fused epilogue; `fc1` picks gather + SwiGLU or finalize.
 
-    n, k: the weight shape [N, K] of one expert (FC1: N = 2I, K = H; FC2: N = H, K = I).
-    stages: depth of the smem ring; lag: how many K steps the producer's loads run ahead of its decode."""
+    n, k: the weight shape [N, K] of one expert (FC1: N = 2I, K = H; FC2: N = H, K = I); stages: depth
+    of the smem ring."""
 
-    def __init__(self, fc1: bool, n: int, k: int, stages: int = 5, lag: int = 2):
+    def __init__(self, fc1: bool, n: int, k: int, stages: int = 5):
         check_shape(fc1, n, k)
-        if not 0 < lag < stages - 1:
-            raise ValueError(f"need 0 < lag < stages - 1, got stages={stages}, lag={lag}")
-        self.fc1, self.n, self.k, self.stages, self.lag = fc1, n, k, stages, lag
+        self.fc1, self.n, self.k, self.stages = fc1, n, k, stages
 
     @cute.jit
     def __call__(
@@ -92,15 +91,14 @@ class MoEGemmSm90:
         num_ctas: cutlass.Int32,  # persistent CTAs (the SM count)
         stream,
     ):
+        # weights are the wgmma A operand, from registers; routed-token rows are B, from smem
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            cutlass.BFloat16, cutlass.BFloat16, LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(),
-            LayoutEnum.ROW_MAJOR.sm90_mma_major_mode(), cutlass.Float32, (2, 1, 1), tiler_mn=(64, TILE_N),
+            cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
+            (2, 1, 1), tiler_mn=(64, TILE_M), a_source=warpgroup.OperandSource.RMEM,
         )
-        tile = (TILE_M, TILE_N, TILE_K)
-        a_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile, cutlass.BFloat16, self.stages)
-        b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile, cutlass.BFloat16, self.stages)
-        work = cute.size(mTiles, mode=[0]) * (self.n // TILE_N)
-        self.kernel(tiled_mma, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, a_layout, b_layout).launch(
+        b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_W, TILE_M, TILE_K), cutlass.BFloat16, self.stages)
+        work = cute.size(mTiles, mode=[0]) * (self.n // TILE_W)
+        self.kernel(tiled_mma, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
 
@@ -115,7 +113,6 @@ class MoEGemmSm90:
         mScale: cute.Tensor,
         mTiles: cute.Tensor,
         mOut: cute.Tensor,
-        a_layout: cute.ComposedLayout,
         b_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
@@ -123,39 +120,33 @@ class MoEGemmSm90:
         grid, _, _ = cute.arch.grid_dim()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         stages = self.stages
-        n_blocks = self.n // TILE_N
+        n_blocks = self.n // TILE_W
         work_count = cute.size(mTiles, mode=[0]) * n_blocks
         k_tiles = self.k // TILE_K
 
         smem = SmemAllocator()
         barriers = smem.allocate_array(cutlass.Int64, 2 * stages)
-        sA = smem.allocate_tensor(cutlass.BFloat16, a_layout.outer, 1024, a_layout.inner)
-        sB = smem.allocate_tensor(cutlass.BFloat16, b_layout.outer, 1024, b_layout.inner)
+        sX = smem.allocate_tensor(cutlass.BFloat16, b_layout.outer, 1024, b_layout.inner)
         sW = smem.allocate_tensor(
-            cutlass.Uint8, cute.make_layout((TILE_N, TILE_K // 2, stages), stride=(TILE_K // 2, 1, TILE_N * TILE_K // 2)), 16
+            cutlass.Uint8, cute.make_layout((TILE_W, TILE_K // 2, stages), stride=(TILE_K // 2, 1, TILE_W * TILE_K // 2)), 16
         )
-        # each of a row's two producer threads keeps its own copy of the row's 4 block scales
-        sf_step = TILE_K // BLOCK
-        sSF = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((TILE_N, 2, sf_step, stages), stride=(2 * sf_step, sf_step, 1, 2 * TILE_N * sf_step)), 16)
-        # full[s]: the producer warpgroup's activations landed and weights decoded; empty[s]: both
-        # consumer warpgroups' wgmmas on stage s are done
-        ring = pipeline.PipelineAsync.create(
+        sSF = smem.allocate_tensor(
+            cutlass.Uint8, cute.make_layout((TILE_W, TILE_K // BLOCK, stages), stride=(TILE_K // BLOCK, 1, TILE_W * TILE_K // BLOCK)), 16
+        )
+        # full[s]: the producer's cp.async copies into stage s landed; empty[s]: the consumers' wgmmas on
+        # stage s are done
+        ring = pipeline.PipelineCpAsync.create(
             barrier_storage=barriers,
             num_stages=stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, THREADS - PRODUCER_THREADS),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
         )
 
         if warp < PRODUCER_THREADS // 32:
-            # ---- producers: thread p loads half of activation row p // 2, half of weight tile row p // 2
-            # and the row's block scales for step t, then decodes its half weight row of step t - lag
-            # (its own cp.async data, so no barrier among producers) ----
-            row = tidx // 2
-            half = tidx % 2
-            luts = make_decode_luts()
-            issue = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-            ready = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-            pending = cutlass.Int32(0)
+            # ---- producer: cp.async only; see load_step for who copies what ----
+            cute.arch.setmaxregister_decrease(56)
+            src_rows = cute.make_rmem_tensor((TILE_M // 16,), cutlass.Int32)
+            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
                 m_blk = w // n_blocks
                 n_blk = w % n_blocks
@@ -163,12 +154,8 @@ class MoEGemmSm90:
                 row_start = mTiles[m_blk, 1]
                 row_end = mTiles[m_blk, 2]
                 if row_start < row_end:
-                    src_row = row_start + row
-                    if src_row >= row_end:
-                        src_row = row_start  # rows past the expert compute garbage that is never stored
-                    if cutlass.const_expr(self.fc1):
-                        src_row = mRowToken[src_row]
-                    w_row = self.weight_row(n_blk, row)
+                    for i in cutlass.range_constexpr(TILE_M // 16):
+                        src_rows[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i)
                     mW = cute.make_tensor(
                         cute.make_ptr(cutlass.Uint8, mWPtr[expert], cute.AddressSpace.gmem, assumed_align=16),
                         cute.make_layout((self.n, self.k // 2), stride=(self.k // 2, 1)),
@@ -178,35 +165,26 @@ class MoEGemmSm90:
                         cute.make_layout((self.n, self.k // BLOCK), stride=(self.k // BLOCK, 1)),
                     )
                     for k_tile in cutlass.range(k_tiles, unroll=1):
-                        ring.producer_acquire(issue)
-                        self.load_step(mA[src_row, None], mW[w_row, None], mSF[w_row, None], sA, sW, sSF, row, half, k_tile, issue.index)
-                        cute.arch.cp_async_commit_group()
-                        issue.advance()
-                        pending += 1
-                        if pending > self.lag:
-                            cute.arch.cp_async_wait_group(self.lag)
-                            self.decode_half_row(sW, sSF, sB, ready.index, row, half, luts)
-                            cute.arch.fence_proxy("async.shared", space="cta")
-                            ring.producer_commit(ready)
-                            ready.advance()
-                            pending -= 1
-            cute.arch.cp_async_wait_group(0)
-            while pending > 0:
-                self.decode_half_row(sW, sSF, sB, ready.index, row, half, luts)
-                cute.arch.fence_proxy("async.shared", space="cta")
-                ring.producer_commit(ready)
-                ready.advance()
-                pending -= 1
+                        ring.producer_acquire(state)
+                        self.load_step(mA, src_rows, mW, mSF, n_blk, sX, sW, sSF, tidx, k_tile, state.index)
+                        ring.producer_commit(state)
+                        state.advance()
         else:
-            # ---- consumers: wgmma over the ring, then the epilogue from registers ----
+            # ---- consumers: decode the weight fragment into registers, wgmma, epilogue ----
+            cute.arch.setmaxregister_increase(224)
             ctid = tidx - PRODUCER_THREADS
             thr_mma = tiled_mma.get_slice(ctid)
-            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
-            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_M, TILE_N)), cutlass.Float32)
-            coords = thr_mma.partition_C(cute.make_identity_tensor((TILE_M, TILE_N)))
-            k_blocks = cute.size(tCrA, mode=[2])
+            tCrX = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
+            frag_shape = thr_mma.partition_shape_A((TILE_W, TILE_K))
+            frags = (tiled_mma.make_fragment_A(frag_shape), tiled_mma.make_fragment_A(frag_shape))
+            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_W, TILE_M)), cutlass.Float32)
+            k_blocks = cute.size(frags[0], mode=[2])
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            # this thread's weight tile rows r and r + 8 and byte lane q (see decode_step)
+            lane = ctid % 32
+            r = (ctid // 32) * 16 + lane // 4
+            q = lane % 4
+            luts = make_decode_luts()
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
@@ -217,82 +195,131 @@ class MoEGemmSm90:
                 row_end = mTiles[m_blk, 2]
                 if row_start < row_end:
                     acc.fill(0.0)
-                    for k_tile in cutlass.range(k_tiles, unroll=1):
-                        ring.consumer_wait(read)
-                        warpgroup.fence()
-                        for kb in cutlass.range_constexpr(k_blocks):
-                            cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
-                        warpgroup.commit_group()
-                        read.advance()
-                        warpgroup.wait_group(1)  # the previous step's wgmmas are done: release its stage
-                        if k_tile > 0:
-                            ring.consumer_release(release)
-                            release.advance()
+                    # two K steps per iteration so that the register fragment of step k stays untouched
+                    # while its wgmmas run and step k + 1 decodes into the other one
+                    for k_pair in cutlass.range(k_tiles // 2, unroll=1):
+                        for j in cutlass.range_constexpr(2):
+                            ring.consumer_wait(read)
+                            cute.arch.fence_proxy("async.shared", space="cta")
+                            self.decode_step(sW, sSF, read.index, r, q, frags[j], luts)
+                            warpgroup.fence()
+                            for kb in cutlass.range_constexpr(k_blocks):
+                                cute.gemm(tiled_mma, acc, frags[j][None, None, kb], tCrX[None, None, kb, read.index], acc)
+                            warpgroup.commit_group()
+                            read.advance()
+                            warpgroup.wait_group(1)  # the previous step's wgmmas are done: release its stage
+                            if k_pair > 0 or j > 0:
+                                ring.consumer_release(release)
+                                release.advance()
                     warpgroup.wait_group(0)
                     ring.consumer_release(release)
                     release.advance()
-                    self.epilogue(acc, coords, mRowToken, mScale, mOut, expert, row_start, row_end, n_blk)
+                    self.epilogue(acc, thr_mma, mRowToken, mScale, mOut, expert, row_start, row_end, n_blk)
 
     @cute.jit
-    def epilogue(self, acc, coords, mRowToken, mScale, mOut, expert, row_start, row_end, n_blk):
+    def source_row(self, mRowToken, row_start, row_end, i):
+        """The source row of tile row i: rows past the expert repeat its first row (their results are
+        never stored); FC1 gathers token rows."""
+        row = row_start + i
+        if row >= row_end:
+            row = row_start
         if cutlass.const_expr(self.fc1):
-            inv_scale = mScale[expert]
-            for i in cutlass.range_constexpr(0, cute.size(acc), 2):
-                r, c = coords[i]
-                row = row_start + r
-                if row < row_end:
-                    gate = acc[i] * inv_scale
-                    up = acc[i + 1] * inv_scale
-                    h = gate / (1.0 + cute.math.exp(-gate)) * up
-                    mOut[row, n_blk * (TILE_N // 2) + c // 2] = h.to(cutlass.BFloat16)
-        else:
-            for i in cutlass.range(cute.size(acc), unroll_full=True):
-                r, c = coords[i]
-                row = row_start + r
-                if row < row_end:
-                    ptr = mOut.iterator + mRowToken[row] * self.n + n_blk * TILE_N + c
-                    cute.arch.atomic_add(ptr, acc[i] * mScale[row])
+            row = mRowToken[row]
+        return row
+
+    def weight_row(self, n_blk, t):
+        """The expert weight row held by tile row t of weight block n_blk. FC1 interleaves gate and up in
+        groups of 8 (tile rows 16g..16g+7 gate, 16g+8..16g+15 up of the same 8 output columns), so that
+        a thread's accumulator rows r and r + 8 are the gate and the up of one output column."""
+        if cutlass.const_expr(self.fc1):
+            column = n_blk * (TILE_W // 2) + (t // 16) * 8 + t % 8
+            return (self.n // 2) * ((t // 8) % 2) + column
+        return n_blk * TILE_W + t
 
     @cute.jit
-    def load_step(self, a_row, w_row, sf_row, sA, sW, sSF, row, half, k_tile, stage):
-        """cp.async K step `k_tile` of half an activation row (64 bytes), half a packed weight row (16
-        bytes) and the row's 4 block scales into tile row `row` of `stage`."""
+    def load_step(self, mA, src_rows, mW, mSF, n_blk, sX, sW, sSF, p, k_tile, stage):
+        """cp.async K step `k_tile` into `stage`. Consecutive threads copy consecutive 16-byte chunks of
+        a row, so that a warp reads whole 128-byte lines (one thread per row would read half sectors of
+        32 rows per instruction, which measured ~2x slower than the MMA): thread p copies chunk p % 8 of
+        token tile rows p // 8 + 16 i, half p % 2 of packed weight rows p // 2 + 64 i, and the 4 block
+        scales of weight row p."""
         copy16 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.BFloat16, num_bits_per_copy=128)
         copy16_u8 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.Uint8, num_bits_per_copy=128)
         copy4_u8 = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32)
-        for c in cutlass.range_constexpr(TILE_K // 16):
-            chunk = half * (TILE_K // 16) + c
-            cute.copy(copy16, cute.local_tile(a_row, (8,), (k_tile * (TILE_K // 8) + chunk,)), cute.local_tile(sA[row, None, stage], (8,), (chunk,)))
-        cute.copy(copy16_u8, cute.local_tile(w_row, (16,), (k_tile * 2 + half,)), cute.local_tile(sW[row, None, stage], (16,), (half,)))
-        cute.copy(copy4_u8, cute.local_tile(sf_row, (4,), (k_tile,)), sSF[row, half, None, stage])
-
-    def weight_row(self, n_blk, j):
-        """The expert weight row that tile row j of column block n_blk holds (FC1: gate and up rows
-        interleaved, so that output column c's gate and up land in adjacent accumulator columns)."""
-        if cutlass.const_expr(self.fc1):
-            return (self.n // 2) * (j % 2) + n_blk * (TILE_N // 2) + j // 2
-        return n_blk * TILE_N + j
+        chunk = p % 8
+        for i in cutlass.range_constexpr(TILE_M // 16):
+            src = cute.local_tile(mA[src_rows[i], None], (8,), (k_tile * (TILE_K // 8) + chunk,))
+            cute.copy(copy16, src, cute.local_tile(sX[p // 8 + 16 * i, None, stage], (8,), (chunk,)))
+        for i in cutlass.range_constexpr(TILE_W // 64):
+            row = p // 2 + 64 * i
+            src = cute.local_tile(mW[self.weight_row(n_blk, row), None], (16,), (k_tile * 2 + p % 2,))
+            cute.copy(copy16_u8, src, cute.local_tile(sW[row, None, stage], (16,), (p % 2,)))
+        cute.copy(copy4_u8, cute.local_tile(mSF[self.weight_row(n_blk, p), None], (4,), (k_tile,)), sSF[p, None, stage])
 
     @cute.jit
-    def decode_half_row(self, sW, sSF, sB, stage, row, half, luts):
-        """Decode half of weight tile row `row` of `stage` (32 values) into bf16. quack's prmt lookup
-        turns 8 e2m1 codes into 4 bf16x2 words; one bf16x2 multiply per word applies the block scale
-        (exact: e2m1 x e4m3 fits bf16's mantissa)."""
-        words = cute.make_rmem_tensor((4,), cutlass.Int32)
-        cute.autovec_copy(cute.recast_tensor(cute.local_tile(sW[row, None, stage], (16,), (half,)), cutlass.Int32), words)
-        scales = cute.make_rmem_tensor((4,), cutlass.Float8E4M3FN)
-        cute.autovec_copy(cute.recast_tensor(sSF[row, half, None, stage], cutlass.Float8E4M3FN), scales)
-        sf = scales.load().to(cutlass.Float32)
-        out = cute.make_rmem_tensor((16,), cutlass.Int32)  # 32 bf16, as bf16x2 words
-        for i in cutlass.range_constexpr(4):
-            scale = cute.make_rmem_tensor((2,), cutlass.BFloat16)
-            scale[0] = sf[2 * half + i // 2].to(cutlass.BFloat16)
-            scale[1] = scale[0]
-            scale2 = cute.recast_tensor(scale, cutlass.Int32)[0]
-            decoded = decode_e2m1x8_to_bf16x8(words[i], luts)
-            for j in cutlass.range_constexpr(4):
-                out[4 * i + j] = mul_bf16x2(decoded[j], scale2)
-        cute.autovec_copy(cute.recast_tensor(out, cutlass.BFloat16), cute.local_tile(sB[row, None, stage], (32,), (half,)))
+    def decode_step(self, sW, sSF, stage, r, q, frag, luts):
+        """Decode this thread's wgmma A fragment of one K step into `frag`. Per 16-wide k block the
+        fragment holds (row r, k 2q..2q+1), (row r+8, same k), (row r, k 8+2q..), (row r+8, k 8+2q..):
+        bytes q and 4+q of each row's 8-byte block. prmt gathers those four bytes into one word, quack's
+        lookup decodes it into the four bf16x2 registers, one bf16x2 multiply each applies the block
+        scale (exact: e2m1 x e4m3 fits bf16's mantissa)."""
+        row_lo = cute.make_rmem_tensor((8,), cutlass.Int32)
+        row_hi = cute.make_rmem_tensor((8,), cutlass.Int32)
+        cute.autovec_copy(cute.recast_tensor(sW[r, None, stage], cutlass.Int32), row_lo)
+        cute.autovec_copy(cute.recast_tensor(sW[r + 8, None, stage], cutlass.Int32), row_hi)
+        sf_lo = cute.make_rmem_tensor((4,), cutlass.Float8E4M3FN)
+        sf_hi = cute.make_rmem_tensor((4,), cutlass.Float8E4M3FN)
+        cute.autovec_copy(cute.recast_tensor(sSF[r, None, stage], cutlass.Float8E4M3FN), sf_lo)
+        cute.autovec_copy(cute.recast_tensor(sSF[r + 8, None, stage], cutlass.Float8E4M3FN), sf_hi)
+        scale_lo = sf_lo.load().to(cutlass.Float32)
+        scale_hi = sf_hi.load().to(cutlass.Float32)
+        pick = cutlass.Int32(q | ((q + 4) << 4))  # byte q of the first word, byte q of the second
+        words = cute.recast_tensor(frag, cutlass.Int32)
+        for kb in cutlass.range_constexpr(TILE_K // 16):
+            first = prmt(row_lo[2 * kb], row_hi[2 * kb], pick)
+            second = prmt(row_lo[2 * kb + 1], row_hi[2 * kb + 1], pick)
+            decoded = decode_e2m1x8_to_bf16x8(prmt(first, second, cutlass.Int32(0x5410)), luts)
+            s_lo = bf16x2_splat(scale_lo[kb])
+            s_hi = bf16x2_splat(scale_hi[kb])
+            words[4 * kb + 0] = mul_bf16x2(decoded[0], s_lo)
+            words[4 * kb + 1] = mul_bf16x2(decoded[1], s_hi)
+            words[4 * kb + 2] = mul_bf16x2(decoded[2], s_lo)
+            words[4 * kb + 3] = mul_bf16x2(decoded[3], s_hi)
+
+    @cute.jit
+    def epilogue(self, acc, thr_mma, mRowToken, mScale, mOut, expert, row_start, row_end, n_blk):
+        """Accumulator element (weight tile row t, token row m) -> the output, straight from registers.
+        A thread holds rows t and t + 8 for the same token columns: elements 4j, 4j+1 and 4j+2, 4j+3."""
+        coords = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, TILE_M)))
+        if cutlass.const_expr(self.fc1):
+            inv_scale = mScale[expert]
+            for i in cutlass.range_constexpr(cute.size(acc) // 4):
+                for e in cutlass.range_constexpr(2):
+                    t, m = coords[4 * i + e]
+                    row = row_start + m
+                    if row < row_end:
+                        gate = acc[4 * i + e] * inv_scale
+                        up = acc[4 * i + 2 + e] * inv_scale
+                        h = gate / (1.0 + cute.math.exp(-gate)) * up
+                        mOut[row, self.weight_row(n_blk, t)] = h.to(cutlass.BFloat16)
+        else:
+            for i in cutlass.range(cute.size(acc), unroll_full=True):
+                t, m = coords[i]
+                row = row_start + m
+                if row < row_end:
+                    ptr = mOut.iterator + mRowToken[row] * self.n + self.weight_row(n_blk, t)
+                    cute.arch.atomic_add(ptr, acc[i] * mScale[row])
+
+
+@dsl_user_op
+def bf16x2_splat(x: cutlass.Float32, *, loc=None, ip=None) -> cutlass.Int32:
+    """bf16x2 word holding x (rounded to bf16) in both lanes."""
+    return cutlass.Int32(
+        llvm.inline_asm(
+            T.i32(), [cutlass.Float32(x).ir_value(loc=loc, ip=ip)],
+            "{.reg .b16 h; cvt.rn.bf16.f32 h, $1; mov.b32 $0, {h, h};}", "=r,f", has_side_effects=False, loc=loc, ip=ip,
+        )
+    )
 
 
 @dsl_user_op
@@ -313,12 +340,12 @@ def _fake(dtype, shape, align: int = 16):
 
 
 @functools.cache
-def compile_gemm(fc1: bool, n: int, k: int, stages: int = 5, lag: int = 2):
+def compile_gemm(fc1: bool, n: int, k: int, stages: int = 5):
     """Compile one stage for one expert weight shape [N, K] (once per process; also runs on a CPU machine
     with CUTE_DSL_ARCH=sm_90a, which is how CI checks that both kernels build)."""
     out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.Float32, (None, n))
     return cute.compile(
-        MoEGemmSm90(fc1, n, k, stages, lag),
+        MoEGemmSm90(fc1, n, k, stages),
         _fake(cutlass.BFloat16, (None, k)),
         _fake(cutlass.Int32, (None,), 4),
         _fake(cutlass.Int64, (None,), 8),

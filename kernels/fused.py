@@ -46,9 +46,9 @@ class FusedCuteKernels(GroupedTritonKernels):
 
     name = "cute"
 
-    def __init__(self, act_quant: bool = False, stages: int = 5, lag: int = 2):
+    def __init__(self, act_quant: bool = False, stages: int = 5):
         super().__init__(act_quant)
-        self.stages, self.lag = stages, lag
+        self.stages = stages
         self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pointer_tables(self, view: WeightView) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ class FusedCuteKernels(GroupedTritonKernels):
         check_shape(True, w13.n, w13.k, x)
         if plan.num_tokens:
             codes, scales = self.pointer_tables(w13)
-            compile_gemm(True, w13.n, w13.k, self.stages, self.lag)(
+            compile_gemm(True, w13.n, w13.k, self.stages)(
                 self._input(x).contiguous(), plan.row_token.to(torch.int32), codes, scales,
                 1.0 / w13.global_scales(), tile_table(plan), out, _sm_count(x.device),
             )
@@ -92,7 +92,7 @@ class FusedCuteKernels(GroupedTritonKernels):
             codes, scales = self.pointer_tables(w2)
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
-            compile_gemm(False, w2.n, w2.k, self.stages, self.lag)(
+            compile_gemm(False, w2.n, w2.k, self.stages)(
                 self._input(h).contiguous(), plan.row_token.to(torch.int32), codes, scales, coef, tile_table(plan), out,
                 _sm_count(h.device),
             )
