@@ -1,34 +1,35 @@
 """Hopper (sm_90a) NVFP4 MoE kernels in CuTe DSL: FC1 = gather + grouped GEMM + SwiGLU, FC2 = grouped
-GEMM + finalize, each one kernel.
+GEMM + finalize, each one persistent, warp-specialized kernel.
 
-Hopper has no FP4 MMA, so the weights are decoded to bf16 inside the kernel and multiplied with bf16
-wgmma, fp32 accumulate; the global scale goes into the epilogue. One CTA computes a 128-row x 128-column
-tile of one expert (two warpgroups, 64 rows each) and loops over K in 64-wide steps:
+Hopper has no FP4 MMA. The weights are the wgmma A operand, taken from registers: each consumer thread
+decodes its own fragment (e2m1 x e4m3 -> bf16 is exact: 6 significant bits) and the routed-token rows are
+the B operand in shared memory; fp32 accumulate, the global scale in the epilogue. A work tile is 128
+weight rows x 256 routed rows of one expert; K advances 64 at a time through a ring of smem stages:
 
-    cp.async   activation rows, gathered by index (FC1: row -> token), into a swizzled smem stage;
-               the expert's packed e2m1 bytes and e4m3 block scales into a raw smem stage
-               (`stages` deep, so loads run that far ahead of the MMA)
-    decode     every thread turns 32 packed weights of the raw stage into bf16 in registers (exact:
-               e2m1 x e4m3 needs 6 significant bits) and stores them into one of two swizzled bf16 tiles
-    wgmma      A = activations, B = decoded weights; the decode of step k+1 runs while the tensor cores
-               work on step k
+    producer warpgroup   cp.async of the token rows (FC1 gathers them by row -> token) into a swizzled
+                         stage, and of the expert's packed codes and block scales into a raw stage;
+                         cp.async.mbarrier.arrive marks the stage full when the copies land
+    2 consumer warpgroups  per K step: pick the fragment's bytes (prmt), decode them with quack's
+                         lookup, scale (bf16x2 multiply), then wgmma m64n256k16 RS; the next step decodes
+                         into a second register fragment while this one's wgmmas run
 
-Epilogues, straight from the accumulator registers:
-    FC1  the weight tile interleaves gate and up rows (gate row c, up row c, gate row c+1, ...), so each
-         thread holds gate and up of an output column side by side: h = silu(g / s) * (u / s), bf16.
-    FC2  z = acc * coef[row] (router weight / global scale) added with fp32 atomics into out[token]:
-         no unpermute pass. The order of the k additions per token is not fixed, so FC2 is
-         reproducible to fp32 rounding, not bitwise.
+Epilogues:
+    FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
+         r + 8 are the gate and the up of one output column: h = silu(g / s) * (u / s), bf16.
+    FC2  z * coef[row] (router weight / global scale), transposed through smem so that a thread owns 4
+         consecutive output columns of a token, added with 16-byte fp32 atomics into out[token]: no
+         unpermute pass. The order of a token's k additions is not fixed, so FC2 is reproducible to
+         fp32 rounding, not bitwise.
 
-The weight view is a table of per-expert base pointers (one for the packed codes, one for the block
-scales): local experts in place and prefetched experts in their buffer are read where they are, with no
-merge copy. Pointers rather than a CUDA-VMM range because the strategies already own plain device
-allocations (IPC-exported arenas, prefetch buffers); a [E] int64 table per view costs 1 KiB and is built
-once per distinct set of segment addresses.
+The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
+place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
+rather than a CUDA-VMM range because the strategies already own plain device allocations (IPC-exported
+arenas, prefetch buffers); a [E] int64 table per view costs 1 KiB and is built once per distinct set of
+segment addresses.
 
-Work is split into row tiles per expert by a tile table built on the device ([expert, row start, row
-end] per tile, padded to a static bound so that building it never waits on the GPU); CTAs whose tile
-is past the end exit at once.
+Row tiles per expert come from a tile table built on the device ([expert, first row, end row] per tile,
+padded to a static bound so that building it never waits on the GPU); work items past the end are
+skipped.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ class MoEGemmSm90:
         sSF = smem.allocate_tensor(
             cutlass.Uint8, cute.make_layout((TILE_W, TILE_K // BLOCK, stages), stride=(TILE_K // BLOCK, 1, TILE_W * TILE_K // BLOCK)), 16
         )
+        sEpi = None
+        if cutlass.const_expr(not self.fc1):
+            # FC2's finalize transposes each warpgroup's accumulators through here, 64 tokens at a time,
+            # so that a thread owns 4 consecutive output columns of one token (rows padded by 4 floats
+            # against bank conflicts)
+            sEpi = smem.allocate_tensor(cutlass.Float32, cute.make_layout((2, 64, 64), stride=(64 * 68, 68, 1)), 16)
         # full[s]: the producer's cp.async copies into stage s landed; empty[s]: the consumers' wgmmas on
         # stage s are done
         ring = pipeline.PipelineCpAsync.create(
@@ -214,7 +221,7 @@ class MoEGemmSm90:
                     warpgroup.wait_group(0)
                     ring.consumer_release(release)
                     release.advance()
-                    self.epilogue(acc, thr_mma, mRowToken, mScale, mOut, expert, row_start, row_end, n_blk)
+                    self.epilogue(acc, thr_mma, mRowToken, mScale, mOut, sEpi, ctid, expert, row_start, row_end, n_blk)
 
     @cute.jit
     def source_row(self, mRowToken, row_start, row_end, i):
@@ -287,9 +294,9 @@ class MoEGemmSm90:
             words[4 * kb + 3] = mul_bf16x2(decoded[3], s_hi)
 
     @cute.jit
-    def epilogue(self, acc, thr_mma, mRowToken, mScale, mOut, expert, row_start, row_end, n_blk):
-        """Accumulator element (weight tile row t, token row m) -> the output, straight from registers.
-        A thread holds rows t and t + 8 for the same token columns: elements 4j, 4j+1 and 4j+2, 4j+3."""
+    def epilogue(self, acc, thr_mma, mRowToken, mScale, mOut, sEpi, ctid, expert, row_start, row_end, n_blk):
+        """Accumulator element (weight tile row t, token row m) -> the output. A thread holds rows t and
+        t + 8 for the same token columns: elements 4j, 4j+1 and 4j+2, 4j+3 (tokens 8j + 2q, + 1)."""
         coords = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, TILE_M)))
         if cutlass.const_expr(self.fc1):
             inv_scale = mScale[expert]
@@ -303,12 +310,28 @@ class MoEGemmSm90:
                         h = gate / (1.0 + cute.math.exp(-gate)) * up
                         mOut[row, self.weight_row(n_blk, t)] = h.to(cutlass.BFloat16)
         else:
-            for i in cutlass.range(cute.size(acc), unroll_full=True):
-                t, m = coords[i]
-                row = row_start + m
+            # finalize: out[token] += coef * z with 16-byte fp32 vector atomics (4x fewer than scalar ones)
+            g = ctid // 128
+            i = ctid % 128
+            mt = i // 2
+            half = i % 2
+            for c in cutlass.range_constexpr(TILE_M // 64):
+                for j in cutlass.range_constexpr(8):
+                    for e in cutlass.range_constexpr(4):
+                        idx = 4 * (8 * c + j) + e
+                        t, m = coords[idx]
+                        sEpi[g, m - 64 * c, t - 64 * g] = acc[idx]
+                cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+                row = row_start + 64 * c + mt
                 if row < row_end:
-                    ptr = mOut.iterator + mRowToken[row] * self.n + self.weight_row(n_blk, t)
-                    cute.arch.atomic_add(ptr, acc[i] * mScale[row])
+                    coef = mScale[row]
+                    base = mRowToken[row] * self.n + n_blk * TILE_W + 64 * g + 32 * half
+                    for v in cutlass.range_constexpr(8):
+                        part = cute.make_rmem_tensor((4,), cutlass.Float32)
+                        cute.autovec_copy(cute.local_tile(sEpi[g, mt, None], (4,), (8 * half + v,)), part)
+                        ptr = cute.make_ptr(cutlass.Float32, mOut.iterator.toint() + (base + 4 * v) * 4, cute.AddressSpace.gmem, assumed_align=16)
+                        cute.arch.atomic_add(ptr, (part.load() * coef).ir_value())
+                cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
 
 
 @dsl_user_op
