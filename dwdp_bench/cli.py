@@ -137,7 +137,7 @@ def e2e(
     requests_per_rank: int = typer.Option(16, help="Requests per rank (assigned round-robin)."),
     repeats: int = typer.Option(3, help="Measured passes per (strategy, spread); the table shows medians."),
     warmup: int = typer.Option(1, help="Unmeasured passes first (compilation, NCCL setup). The first one's logits are compared across strategies."),
-    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device) or grouped (CUDA). Default: the fastest available."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device), grouped (CUDA: Triton decode + torch._grouped_mm) or cute (Hopper: fused CuTe DSL). Default: grouped on CUDA, torch on CPU."),
     dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16 or float32."),
     act_quant: str = typer.Option("none", help="none, or nvfp4: quantise-dequantise expert activations (W4A4 numerics)."),
     align: int = typer.Option(1, help="Pad each expert's rows to a multiple of this in the permuted layout."),
@@ -236,7 +236,7 @@ def gsm8k(
     layers: Optional[int] = typer.Option(None, help="Override the number of layers of a synthetic model."),
     reference: Optional[float] = typer.Option(None, help="Published score (points) to test against, e.g. 63.71 for DeepSeek-V3-Lite NVFP4: pass when the score is not significantly lower (one-sided, sigma 50, alpha 0.05)."),
     metric: str = typer.Option("flexible-extract", help="The score --reference is compared with: strict-match or flexible-extract."),
-    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch or grouped. Default: the fastest available."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch, grouped or cute (see e2e --help). Default: grouped on CUDA, torch on CPU."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 or float32."),
     act_quant: str = typer.Option("none", help="none or nvfp4 (W4A4 numerics)."),
     seed: int = typer.Option(0, help="Seed of synthetic weights."),
@@ -326,7 +326,8 @@ def kernels(
     """
     import torch
 
-    from .kernelbench import COLUMNS, Case, available_impls, run_case, table
+    from .kernelbench import COLUMNS, Case, run_case, table
+    from .kernels import available_kernels
     from .launcher import LaunchError, launch
     from .results import RowWriter, check_new, sidecar
     from .transportbench import validate
@@ -339,7 +340,7 @@ def kernels(
     model_names = [m.strip() for m in (p["models"] or ("deepseek-v3-lite,deepseek-v3" if gpu else "tiny")).split(",") if m.strip()]
     token_counts = [int(t) for t in _csv_floats(p["tokens"] or ("1024,8192,32768,65536" if gpu else "64,256"), "--tokens")]
     skews = _csv_floats(p["skew"], "--skew")
-    names = _csv_names(p["impls"], available_impls(dev), "kernel implementation") if p["impls"] else available_impls(dev)
+    names = _csv_names(p["impls"], available_kernels(dev), "kernel implementation") if p["impls"] else available_kernels(dev)
     if "torch" not in names:
         names = ["torch", *names]  # the reference every ratio is taken against
     from .runtime.config import get_config

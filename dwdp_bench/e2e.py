@@ -229,8 +229,8 @@ def validate(a: dict, world: int) -> None:
         raise ValueError(f"--dtype must be bfloat16 or float32, got {a['dtype']!r}")
     if a["kernels"] is not None and a["kernels"] not in KERNEL_NAMES:
         raise ValueError(f"unknown --kernels {a['kernels']!r}; choose from {', '.join(KERNEL_NAMES)}")
-    if a["kernels"] == "grouped" and a["device"] != "cuda":
-        raise ValueError("--kernels grouped needs CUDA GPUs; use --kernels torch on CPU")
+    if a["kernels"] not in (None, "torch") and a["device"] != "cuda":
+        raise ValueError(f"--kernels {a['kernels']} needs CUDA GPUs; use --kernels torch on CPU")
     if a["repeats"] < 1 or a["warmup"] < 1:
         raise ValueError("--repeats and --warmup must be >= 1 (the first, unmeasured pass also checks logits against replicated)")
     o = a["options"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from .kernels import KERNEL_NAMES, WeightView, build_plan, get_kernels
+from .kernels import WeightView, available_kernels, build_plan, get_kernels
 from .kernels.nvfp4 import NVFP4Weights, quantize
 from .kernels.reference import decode_view, grouped_gemm
 from .runtime.config import get_config
@@ -91,6 +91,20 @@ def quack_w4a16(act: torch.Tensor, w: NVFP4Weights):
     return lambda: gemm_w4a16(act, blob, sf, tensor_scale=alpha, n_out=n, wformat="nvfp4")
 
 
+def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device, gen) -> dict[tuple[str, str], float]:
+    """One stage's baselines. Their inputs live only inside this call (DeepSeek-V3 shapes at 64K tokens
+    hold ~40 GiB of them), so the implementations are timed with that memory free again."""
+    out = {}
+    dense_a = torch.randn(rows, k_dim, device=device, generator=gen).bfloat16()
+    dense_b = torch.randn(k_dim, n_dim, device=device, generator=gen).bfloat16()
+    out[(stage, "dense-bf16")] = bench(lambda: dense_a @ dense_b, device)
+    if quack_w4a16_runs(device, k_dim):
+        out[(stage, "quack-w4a16")] = bench(quack_w4a16(dense_a, experts), device)
+    decoded, a = decode_view(view, torch.bfloat16), gemm_rows()
+    out[(stage, "bf16-grouped-gemm")] = bench(lambda: grouped_gemm(a, decoded, plan), device)
+    return out
+
+
 def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> list[dict]:
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -103,18 +117,10 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
     rows = case.tokens * k
     flops = {"fc1": 2 * rows * h * 2 * inter, "fc2": 2 * rows * inter * h}
     hidden = get_kernels("torch", device).fc1(x, plan, w13)
-    dec13, dec2 = decode_view(w13, torch.bfloat16), decode_view(w2, torch.bfloat16)
-    gathered = x[plan.row_token]
-    dense_a = {"fc1": torch.randn(rows, h, device=device, generator=gen).bfloat16(), "fc2": torch.randn(rows, inter, device=device, generator=gen).bfloat16()}
-    dense_b = {"fc1": torch.randn(h, 2 * inter, device=device, generator=gen).bfloat16(), "fc2": torch.randn(inter, h, device=device, generator=gen).bfloat16()}
     timings: dict[tuple[str, str], float] = {}
-    for stage in ("fc1", "fc2"):
-        timings[(stage, "dense-bf16")] = bench(lambda: dense_a[stage] @ dense_b[stage], device)
-        if quack_w4a16_runs(device, dense_a[stage].shape[1]):
-            timings[(stage, "quack-w4a16")] = bench(quack_w4a16(dense_a[stage], q13 if stage == "fc1" else q2), device)
-        timings[(stage, "bf16-grouped-gemm")] = bench(
-            (lambda: grouped_gemm(gathered, dec13, plan)) if stage == "fc1" else (lambda: grouped_gemm(hidden, dec2, plan)), device
-        )
+    for stage, view, experts, (k_dim, n_dim) in (("fc1", w13, q13, (h, 2 * inter)), ("fc2", w2, q2, (inter, h))):
+        gemm_rows = (lambda: x[plan.row_token]) if stage == "fc1" else (lambda: hidden)
+        timings.update(_baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device, gen))
         for name in impls:
             kern = get_kernels(name, device)
             timings[(stage, name)] = bench((lambda: kern.fc1(x, plan, w13)) if stage == "fc1" else (lambda: kern.fc2(hidden, plan, w2)), device)
@@ -130,10 +136,6 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
             }
         )
     return out
-
-
-def available_impls(device: torch.device) -> list[str]:
-    return [n for n in KERNEL_NAMES if n == "torch" or device.type == "cuda"]
 
 
 def table(rows: list[dict]) -> Table:

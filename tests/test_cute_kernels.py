@@ -20,9 +20,7 @@ MODEL_SHAPES = [(72, 2560, 1536), (256, 7168, 2048)]
 
 @needs_cute
 @pytest.mark.parametrize("e,h,inter", MODEL_SHAPES)
-def test_kernels_compile_for_sm90a(e, h, inter, monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+def test_kernels_compile_for_sm90a(e, h, inter):
     from dwdp_bench.kernels.cute_moe import compile_gemm
 
     assert compile_gemm(True, 2 * inter, h) is not None
