@@ -81,3 +81,38 @@ def test_cute_kernels_with_no_tokens():
     fused = get_kernels("cute", "cuda")
     assert fused.fc1(x, plan, v13).shape == (0, 128)
     assert fused.fc2(torch.zeros(0, 128, dtype=torch.bfloat16, device="cuda"), plan, v2).shape == (0, 256)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tokens,align", [(1, 1), (300, 1), (1000, 16), (0, 1)])
+def test_tile_table_covers_every_expert_row_once(tokens, align, seed):
+    pytest.importorskip("triton")
+    from dwdp_bench.kernels.cute_moe import TILE_M
+    from dwdp_bench.kernels.fused import tile_table
+
+    g = torch.Generator().manual_seed(seed)
+    e, k = 9, 3
+    logits = torch.randn(tokens, e, generator=g) + torch.linspace(4, -4, e)  # skewed
+    logits[:, 2] = -1e9  # an empty expert
+    plan = build_plan(logits.topk(k, dim=-1).indices, torch.rand(tokens, k, generator=g), e, align)
+    table = tile_table(plan)
+    assert table.dtype == torch.int32 and table.shape == ((plan.num_rows + TILE_M - 1) // TILE_M + e, 3)
+    covered = torch.zeros(plan.num_rows, dtype=torch.long)
+    for expert, first, end in table.tolist():
+        if first >= end:
+            continue  # padding entry
+        assert plan.expert_offsets[expert] <= first < end == plan.expert_offsets[expert + 1]
+        assert (first - plan.expert_offsets[expert]) % TILE_M == 0
+        covered[first : min(first + TILE_M, end)] += 1
+    assert (covered[: int(plan.expert_offsets[-1])] == 1).all()
+
+
+@pytest.mark.gpu
+def test_pointer_tables_follow_segments_in_expert_order():
+    from dwdp_bench.kernels.fused import FusedCuteKernels
+
+    w = quantize(torch.randn(6, 128, 256, device="cuda"))
+    view = WeightView([w.experts(0, 2), w.experts(2, 6)])
+    codes, scales = FusedCuteKernels().pointer_tables(view)
+    assert codes.tolist() == [w.packed[i].data_ptr() for i in range(6)]
+    assert scales.tolist() == [w.block_scale[i].data_ptr() for i in range(6)]
