@@ -73,16 +73,21 @@ def plot_timeline(timeline: dict, path: Path) -> str | None:
     return f"{cv:g}"
 
 
+# baselines dashed / dotted, implementations solid; fixed colours so that no two lines share one
+KERNEL_STYLES = {
+    "dense-bf16": dict(color="black", linestyle="--"), "bf16-grouped-gemm": dict(color="#7f7f7f", linestyle=":"),
+    "quack-w4a16": dict(color="#9467bd", linestyle="-."), "torch": dict(color="#d62728"), "grouped": dict(color="#ff7f0e"),
+    "cute": dict(color="#1f77b4"),
+}
+
+
 def plot_kernels(df: pd.DataFrame, path: Path, model: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, stage in zip(axes, ("fc1", "fc2")):
         part = df[(df.stage == stage) & (df["skew"] == df["skew"].min())]
         for impl, rows in part.groupby("impl"):
             rows = rows.sort_values("routed_rows")
-            style = {
-                "dense-bf16": dict(color="black", linestyle="--"), "bf16-grouped-gemm": dict(color="#7f7f7f", linestyle=":"),
-                "quack-w4a16": dict(color="#2ca02c", linestyle="-."),
-            }.get(impl, {})
+            style = KERNEL_STYLES.get(impl, {})
             ax.plot(rows.routed_rows, rows.tflops, marker="o", label=impl, **style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("routed rows (tokens x top-k)")
