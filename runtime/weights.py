@@ -179,9 +179,10 @@ class SyntheticWeights:
         if (empty := _no_experts(c, layer, start, stop, dev)) is not None:
             return empty
         h, i = c.hidden_size, c.moe_intermediate_size
-        w13 = [self._linear(f"layers.{layer}.experts.{e}.w13", 2 * i, h, dev, torch.float32) for e in range(start, stop)]
-        w2 = [self._linear(f"layers.{layer}.experts.{e}.w2", h, i, dev, torch.float32, residual=True) for e in range(start, stop)]
-        return quantize(torch.stack(w13)), quantize(torch.stack(w2))
+        # one expert at a time: DeepSeek-V3's 128 experts of a rank would need 22 GiB as one fp32 stack
+        w13 = [quantize(self._linear(f"layers.{layer}.experts.{e}.w13", 2 * i, h, dev, torch.float32)[None]) for e in range(start, stop)]
+        w2 = [quantize(self._linear(f"layers.{layer}.experts.{e}.w2", h, i, dev, torch.float32, residual=True)[None]) for e in range(start, stop)]
+        return NVFP4Weights.cat(w13), NVFP4Weights.cat(w2)
 
 
 def _no_experts(c: ModelConfig, layer: int, start: int, stop: int, device: torch.device) -> tuple[NVFP4Weights, NVFP4Weights] | None:
