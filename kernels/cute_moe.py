@@ -24,8 +24,8 @@ Epilogues:
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
 rather than a CUDA-VMM range because the strategies already own plain device allocations (IPC-exported
-arenas, prefetch buffers); a [E] int64 table per view costs 1 KiB and is built once per distinct set of
-segment addresses.
+arenas, prefetch buffers); the two [E] int64 tables of a view (16 x E bytes) are built once per
+distinct set of segment addresses.
 
 Row tiles per expert come from a tile table built on the device ([expert, first row, end row] per tile,
 padded to a static bound so that building it never waits on the GPU); work items past the end are
@@ -35,7 +35,6 @@ skipped.
 from __future__ import annotations
 
 import functools
-import os
 
 import cutlass
 import torch
@@ -363,12 +362,12 @@ def _fake(dtype, shape, align: int = 16):
 
 
 @functools.cache
-def compile_gemm(fc1: bool, n: int, k: int, stages: int = 5):
+def compile_gemm(fc1: bool, n: int, k: int):
     """Compile one stage for one expert weight shape [N, K] (once per process; also runs on a CPU machine
     with CUTE_DSL_ARCH=sm_90a, which is how CI checks that both kernels build)."""
     out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.Float32, (None, n))
     return cute.compile(
-        MoEGemmSm90(fc1, n, k, stages),
+        MoEGemmSm90(fc1, n, k),
         _fake(cutlass.BFloat16, (None, k)),
         _fake(cutlass.Int32, (None,), 4),
         _fake(cutlass.Int64, (None,), 8),
@@ -378,5 +377,5 @@ def compile_gemm(fc1: bool, n: int, k: int, stages: int = 5):
         out,
         cutlass.Int32(1),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        options="--enable-tvm-ffi" + os.environ.get("DWDP_CUTE_OPTIONS", ""),
+        options="--enable-tvm-ffi",
     )

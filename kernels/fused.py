@@ -1,9 +1,11 @@
 """The fused Hopper NVFP4 MoE kernels (kernels/cute_moe.py) behind the `MoEKernels` interface.
 
 FC1 and FC2 are one CuTe DSL kernel each; what stays on the host side is building their small inputs
-on the device without waiting on it: the per-expert row tile table, the per-expert pointer tables of
-a weight view (cached by segment addresses, so a DWDP prefetch buffer reused every other layer hits
-the cache), and per-row scales. EP's combine (`reduce_rows`) is the Triton one of kernels/grouped.py.
+on the device without waiting on it: the per-expert row tile table and int32 row -> token map (once per
+routing plan, shared by FC1 and FC2), the per-expert pointer tables of a weight view (cached by segment
+addresses: a model's views keep their addresses, DWDP's two prefetch buffers included, so after the first
+forward every lookup hits), and per-row scales. EP's combine (`reduce_rows`) is the Triton one of
+kernels/grouped.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .cute_moe import TILE_M, check_shape, compile_gemm
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, WeightView
 
-_POINTER_CACHE_SIZE = 64
+_POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
+_INT32_MAX = 2**31 - 1
 
 
 @functools.cache
@@ -41,15 +44,31 @@ def tile_table(plan: RoutingPlan) -> torch.Tensor:
     return torch.stack([expert, first, end], dim=1).to(torch.int32)
 
 
+def _check_int32_offsets(largest_offset: int) -> None:
+    """The kernels compute offsets in 32 bits (elements; FC2's output in bytes): refuse what would
+    overflow them rather than write to wrong addresses."""
+    if largest_offset > _INT32_MAX:
+        raise ValueError(
+            f"the CuTe DSL MoE kernels address at most 2^31 elements per tensor (FC2's fp32 output: 2^31 bytes), "
+            f"this batch needs {largest_offset}: use fewer tokens per batch (--max-tokens) or --kernels grouped"
+        )
+
+
 class FusedCuteKernels(GroupedTritonKernels):
     """FC1 = gather + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused."""
 
     name = "cute"
 
-    def __init__(self, act_quant: bool = False, stages: int = 5):
+    def __init__(self, act_quant: bool = False):
         super().__init__(act_quant)
-        self.stages = stages
         self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plan: tuple[RoutingPlan, torch.Tensor, torch.Tensor] | None = None
+
+    def plan_tables(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tile table and the int32 row -> token map of `plan`, built once for its FC1 and FC2."""
+        if self._plan is None or self._plan[0] is not plan:
+            self._plan = (plan, tile_table(plan), plan.row_token.to(torch.int32))
+        return self._plan[1], self._plan[2]
 
     def pointer_tables(self, view: WeightView) -> tuple[torch.Tensor, torch.Tensor]:
         """[E] int64 base addresses of each expert's packed codes and block scales, in expert order."""
@@ -64,7 +83,7 @@ class FusedCuteKernels(GroupedTritonKernels):
             if any(p % 16 for p in codes) or any(p % 4 for p in scales):
                 raise ValueError("the CuTe DSL kernels need expert weights 16-byte aligned and block scales 4-byte aligned")
             if len(self._pointers) >= _POINTER_CACHE_SIZE:
-                self._pointers.clear()
+                self._pointers.pop(next(iter(self._pointers)))  # the oldest
             device = view.segments[0].device
             table = torch.tensor(codes + scales, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
             self._pointers[key] = (table[: len(codes)], table[len(codes) :])
@@ -77,23 +96,25 @@ class FusedCuteKernels(GroupedTritonKernels):
     def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
         """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
         check_shape(True, w13.n, w13.k, x)
+        _check_int32_offsets(max(x.numel(), out.numel()))
         if plan.num_tokens:
             codes, scales = self.pointer_tables(w13)
-            compile_gemm(True, w13.n, w13.k, self.stages)(
-                self._input(x).contiguous(), plan.row_token.to(torch.int32), codes, scales,
-                1.0 / w13.global_scales(), tile_table(plan), out, _sm_count(x.device),
+            tiles, row_token = self.plan_tables(plan)
+            compile_gemm(True, w13.n, w13.k)(
+                self._input(x).contiguous(), row_token, codes, scales, 1.0 / w13.global_scales(), tiles, out, _sm_count(x.device),
             )
         return out
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
         check_shape(False, w2.n, w2.k, h)
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
+        _check_int32_offsets(max(h.numel(), 4 * out.numel()))  # FC2 addresses its output in bytes
         if plan.num_tokens:
             codes, scales = self.pointer_tables(w2)
+            tiles, row_token = self.plan_tables(plan)
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
-            compile_gemm(False, w2.n, w2.k, self.stages)(
-                self._input(h).contiguous(), plan.row_token.to(torch.int32), codes, scales, coef, tile_table(plan), out,
-                _sm_count(h.device),
+            compile_gemm(False, w2.n, w2.k)(
+                self._input(h).contiguous(), row_token, codes, scales, coef, tiles, out, _sm_count(h.device),
             )
         return out.to(h.dtype)

@@ -2,9 +2,9 @@
 
 Same math and the same decode-then-grouped-GEMM structure as `reference.TorchReferenceKernels`, with
 the memory-bound steps written as single-pass Triton kernels instead of chains of torch ops (the torch
-decode alone moves ~30x the weight bytes through int64 indices). This is the fair baseline both
-strategies use until the fused CuTe DSL kernels land; it is not fused: FC1 writes `[R, 2I]` and reads
-it back, FC2 writes `[R, H]` and gathers it.
+decode alone moves ~30x the weight bytes through int64 indices). The default on CUDA, and the
+baseline of the fused kernels (kernels/cute_moe.py); it is not fused: FC1 writes `[R, 2I]` and reads it
+back, FC2 writes `[R, H]` and gathers it.
 """
 
 from __future__ import annotations

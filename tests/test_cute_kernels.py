@@ -116,3 +116,25 @@ def test_pointer_tables_follow_segments_in_expert_order():
     codes, scales = FusedCuteKernels().pointer_tables(view)
     assert codes.tolist() == [w.packed[i].data_ptr() for i in range(6)]
     assert scales.tolist() == [w.block_scale[i].data_ptr() for i in range(6)]
+
+
+def test_routing_tables_are_built_once_per_plan():
+    pytest.importorskip("triton")
+    from dwdp_bench.kernels.fused import FusedCuteKernels
+
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    plan, other = build_plan(idx, torch.rand(3, 2), 3), build_plan(idx.flip(0), torch.rand(3, 2), 3)
+    kernels = FusedCuteKernels()
+    tiles, rows = kernels.plan_tables(plan)
+    assert rows.dtype == torch.int32 and torch.equal(rows, plan.row_token.int())
+    assert kernels.plan_tables(plan)[0] is tiles  # FC2 reuses what FC1 built
+    assert not torch.equal(kernels.plan_tables(other)[1], rows)
+
+
+def test_batches_beyond_32_bit_offsets_are_refused():
+    pytest.importorskip("triton")
+    from dwdp_bench.kernels.fused import _check_int32_offsets
+
+    _check_int32_offsets(2**31 - 1)
+    with pytest.raises(ValueError, match="2\\^31 elements.*--max-tokens.*--kernels grouped"):
+        _check_int32_offsets(2**31)
