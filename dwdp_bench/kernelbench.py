@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from .kernels import WeightView, available_kernels, build_plan, get_kernels
+from .kernels import WeightView, build_plan, get_kernels
 from .kernels.nvfp4 import NVFP4Weights, quantize
 from .kernels.reference import decode_view, grouped_gemm
 from .runtime.config import get_config

@@ -36,6 +36,9 @@ def test_kernels_rejects_unknown_names(tmp_path):
     assert done.returncode == 2 and "unknown kernel implementation" in done.stderr
     done = cli("kernels", "--device", "cpu", "--models", "gpt-5", "--out", str(tmp_path / "k.csv"), timeout=120)
     assert done.returncode == 2 and "unknown model config" in done.stderr
+    done = cli("kernels", "--device", "cpu", "--impls", "cute", "--out", str(tmp_path / "k.csv"), timeout=120)
+    assert done.returncode == 2 and "cute do not run on cpu" in done.stderr and "Hopper" in done.stderr
+    assert not (tmp_path / "k.csv").exists()
 
 
 def test_quack_nvfp4_format_is_ours():
