@@ -4,7 +4,7 @@ A reference file (TOML, kept in results/reference/) is a list of checks:
 
     [[check]]
     name = "DWDP beats the better EP form at CV 0.2"
-    kind = "e2e"                                  # which result rows: e2e, accuracy or kernels
+    kind = "e2e"                                  # which result rows: e2e, accuracy, kernels or transport
     where = { strategy = "dwdp", cv = 0.2 }        # rows whose columns equal these values
     metric = "tps_per_gpu"                         # the median over those rows (repeats)...
     relative_to = { strategy = ["ep", "ep-overlap"] }  # ...over the best median of these (optional)
@@ -30,7 +30,8 @@ import pandas as pd
 from rich.table import Table
 
 
-KINDS = {"e2e": "tps_per_gpu", "accuracy": "identical_fraction", "kernels": "frac_ceiling"}  # kind -> a column only it has
+# kind -> a column only its CSVs have (transport: the `<out>.transport.csv` of `dwdp-bench kernels`)
+KINDS = {"e2e": "tps_per_gpu", "accuracy": "identical_fraction", "kernels": "frac_ceiling", "transport": "x_peer_copy"}
 
 
 def pass_threshold(reference: float, n: int, sigma: float = 50.0, alpha: float = 0.05) -> float:
@@ -69,7 +70,7 @@ def load_results(paths: list[Path]) -> dict[str, pd.DataFrame]:
         df = pd.read_csv(path)
         kinds = [k for k, col in KINDS.items() if col in df.columns]
         if len(kinds) != 1:
-            raise Unusable(f"{path}: not an e2e, accuracy or kernels results CSV (columns: {', '.join(df.columns[:8])}...)")
+            raise Unusable(f"{path}: not an e2e, accuracy, kernels or transport results CSV (columns: {', '.join(df.columns[:8])}...)")
         df["_source"] = str(path)
         frames.setdefault(kinds[0], []).append(df)
     return {k: pd.concat(v, ignore_index=True) for k, v in frames.items()}

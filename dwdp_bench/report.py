@@ -147,6 +147,14 @@ def build(paths: list[Path], out_dir: Path) -> Path:
             for _, r in part.sort_values(["tokens", "skew", "stage", "impl"]).iterrows():
                 lines.append(f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {r.ms:.3f} | {r.tflops:.1f} | {r.frac_ceiling:.2f} | {fmt(r.x_vs_torch, '.2f')} |")
             lines.append("")
+    if "transport" in results:
+        lines += ["## transport per MoE layer and rank", "", "| model | ranks | tokens | skew | measure | MB | ms | GB/s | x peer copy | slowdown |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for _, r in results["transport"].iterrows():
+            lines.append(
+                f"| {r.model} | {r.ranks} | {r.tokens} | {r['skew']:g} | {r.measure} | {fmt(r.bytes / 1e6, '.1f')} | {r.ms:.3f} | {fmt(r.gbps, '.1f')} | "
+                f"{fmt(r.x_peer_copy, '.2f')} | {fmt(r.slowdown, '.3f')} |"
+            )
+        lines.append("")
     summary = out_dir / "summary.md"
     summary.write_text("\n".join(lines))
     return summary
