@@ -159,24 +159,11 @@ def _ep(ctx: RankContext, cfg, tokens: int, skew: float, gen: torch.Generator) -
     }
 
 
-def measure(ctx: RankContext, dwdp: DWDP, devices: list[str], tokens: int, skew: float, seed: int) -> dict[str, tuple]:
-    """This rank's (bytes or None, median ms, ms the bytes took or None) per measurement of one case."""
+def _gemm_under_prefetch(ctx: RankContext, dwdp: DWDP, tokens: int, prefetch_ms: float, gen: torch.Generator) -> tuple[float, list]:
+    """Median ms of an FC1-sized bf16 GEMM alone, and per repeat (ms, bytes, prefetch ms) while layer
+    prefetches run. Its inputs (7.5 GB for DeepSeek-V3 at 64K tokens) are freed on return, before EP's
+    buffers are made."""
     cfg, dev = dwdp.cfg, ctx.device
-    gen = torch.Generator(device=dev).manual_seed(seed * 1000 + ctx.rank)  # every rank its own tokens
-    what = f"tokens={tokens} skew={skew:g}"
-
-    def prefetch() -> tuple[int, float]:
-        dwdp.begin_forward()
-        stats = dwdp.transport_stats()  # waits for the copies; ms: the prefetch stream's time
-        return stats["bytes"], stats["ms"]
-
-    ctx.progress(f"{what}: DWDP prefetch")
-    runs = _repeat(ctx, prefetch)
-    layer_bytes, prefetch_ms = runs[0][0], statistics.median(ms for _, ms in runs)
-    ctx.progress(f"{what}: peer copy")
-    copy_ms = _peer_copy_ms(ctx, dwdp, devices, layer_bytes)
-
-    ctx.progress(f"{what}: FC1 GEMM with and without the prefetch")
     rows, h, inter = tokens * cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
     a = torch.randn(rows, h, device=dev, generator=gen).bfloat16()
     b = torch.randn(h, 2 * inter, device=dev, generator=gen).bfloat16()
@@ -198,6 +185,28 @@ def measure(ctx: RankContext, dwdp: DWDP, devices: list[str], tokens: int, skew:
 
     alone = statistics.median(_repeat(ctx, lambda: _window_ms(gemms, dev) / count))
     loaded = _repeat(ctx, gemms_while_prefetching)
+    return alone, loaded
+
+
+def measure(ctx: RankContext, dwdp: DWDP, devices: list[str], tokens: int, skew: float, seed: int) -> dict[str, tuple]:
+    """This rank's (bytes or None, median ms, ms the bytes took or None) per measurement of one case."""
+    cfg, dev = dwdp.cfg, ctx.device
+    gen = torch.Generator(device=dev).manual_seed(seed * 1000 + ctx.rank)  # every rank its own tokens
+    what = f"tokens={tokens} skew={skew:g}"
+
+    def prefetch() -> tuple[int, float]:
+        dwdp.begin_forward()
+        stats = dwdp.transport_stats()  # waits for the copies; ms: the prefetch stream's time
+        return stats["bytes"], stats["ms"]
+
+    ctx.progress(f"{what}: DWDP prefetch")
+    runs = _repeat(ctx, prefetch)
+    layer_bytes, prefetch_ms = runs[0][0], statistics.median(ms for _, ms in runs)
+    ctx.progress(f"{what}: peer copy")
+    copy_ms = _peer_copy_ms(ctx, dwdp, devices, layer_bytes)
+
+    ctx.progress(f"{what}: FC1 GEMM with and without the prefetch")
+    alone, loaded = _gemm_under_prefetch(ctx, dwdp, tokens, prefetch_ms, gen)
 
     ctx.progress(f"{what}: EP dispatch and combine")
     return {
