@@ -41,11 +41,10 @@ from rich.table import Table
 
 from .kernelbench import bench, route
 from .kernels import get_kernels
-from .kernels.interface import count_values
 from .results import RowWriter, fmt
 from .runtime.comm import RankContext
 from .runtime.config import get_config
-from .runtime.strategies import DWDP, ExpertPartition, StrategyOptions
+from .runtime.strategies import DWDP, ExpertPartition, StrategyOptions, ep_send_rows
 from .runtime.timeline import Timeline
 from .runtime.transport import _check
 from .runtime.weights import SyntheticWeights
@@ -129,15 +128,9 @@ def _ep(ctx: RankContext, cfg, tokens: int, skew: float, gen: torch.Generator) -
     combine for this rank's tokens."""
     dev, n, r = ctx.device, ctx.world_size, ctx.rank
     e, k, h = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    per_rank = e // n
     x = torch.randn(tokens, h, device=dev, generator=gen).bfloat16()
     weights, idx = route(tokens, e, k, skew, dev, gen)
-    dest = (idx // per_rank).reshape(-1)
-    order = torch.argsort(dest, stable=True)  # (token, choice) pairs grouped by owner rank, as EP sends them
-    send_x = x[order // k]
-    local_expert = idx.reshape(-1)[order] - dest[order] * per_rank
-    meta = torch.stack([local_expert.to(torch.int32), weights.reshape(-1)[order].float().view(torch.int32)], dim=1)
-    send_counts = count_values(dest, n)
+    _, send_counts, send_x, meta = ep_send_rows(x, idx, weights, e // n, n)  # exactly what EP sends
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts)
     send, recv = send_counts.tolist(), recv_counts.tolist()

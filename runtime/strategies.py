@@ -337,6 +337,19 @@ def _slices(c: Copy, size: int) -> list[Copy]:
     ]
 
 
+def ep_send_rows(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, per_rank: int, world: int):
+    """What EP's dispatch sends: the (token, choice) pairs grouped by owner rank (expert // per_rank),
+    stable in token order. Returns the order, rows per destination rank, the rows, and per row its
+    owner-local expert and router weight as two int32 columns (the weight as raw bits, so that one
+    all-to-all carries both)."""
+    k = topk_idx.shape[1]
+    dest = (topk_idx // per_rank).reshape(-1)
+    order = torch.argsort(dest, stable=True)
+    local_expert = topk_idx.reshape(-1)[order] - dest[order] * per_rank
+    meta = torch.stack([local_expert.to(torch.int32), topk_weights.reshape(-1)[order].float().view(torch.int32)], dim=1)
+    return order, count_values(dest, world), x[order // k], meta
+
+
 class EP(Strategy):
     """Expert parallelism over the whole world with NCCL (GPU) / gloo (CPU) all-to-all.
 
@@ -415,13 +428,7 @@ class EP(Strategy):
         n, r = self.ctx.world_size, self.ctx.rank
         t, k = topk_idx.shape
         hidden = x.shape[1]
-        dest = (topk_idx // self.per_rank).reshape(-1)
-        order = torch.argsort(dest, stable=True)  # (token, choice) pairs grouped by owner rank
-        send_counts = count_values(dest, n)
-        send_x = x[order // k]
-        local_expert = topk_idx.reshape(-1)[order] - dest[order] * self.per_rank
-        # Router weight travels with its row as raw bits, so one all-to-all carries both.
-        meta = torch.stack([local_expert.to(torch.int32), topk_weights.reshape(-1)[order].float().view(torch.int32)], dim=1)
+        order, send_counts, send_x, meta = ep_send_rows(x, topk_idx, topk_weights, self.per_rank, n)
 
         pending = self._exchange_counts(send_counts)
         yield
