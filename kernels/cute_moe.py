@@ -154,11 +154,7 @@ class MoEGemmSm90:
             src_rows = cute.make_rmem_tensor((TILE_M // 16,), cutlass.Int32)
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
-                m_blk = w // n_blocks
-                n_blk = w % n_blocks
-                expert = mTiles[m_blk, 0]
-                row_start = mTiles[m_blk, 1]
-                row_end = mTiles[m_blk, 2]
+                n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
                     for i in cutlass.range_constexpr(TILE_M // 16):
                         src_rows[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i)
@@ -194,11 +190,7 @@ class MoEGemmSm90:
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
-                m_blk = w // n_blocks
-                n_blk = w % n_blocks
-                expert = mTiles[m_blk, 0]
-                row_start = mTiles[m_blk, 1]
-                row_end = mTiles[m_blk, 2]
+                n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
                     acc.fill(0.0)
                     # two K steps per iteration so that the register fragment of step k stays untouched
@@ -221,6 +213,12 @@ class MoEGemmSm90:
                     ring.consumer_release(release)
                     release.advance()
                     self.epilogue(acc, thr_mma, mRowToken, mScale, mOut, sEpi, ctid, expert, row_start, row_end, n_blk)
+
+    def work_item(self, mTiles, w):
+        """Work item w: weight block n_blk of token tile w // n_blocks (consecutive items share a token
+        tile) as (n_blk, expert, first row, end row). Producer and consumers walk the same items."""
+        m_blk = w // (self.n // TILE_W)
+        return w % (self.n // TILE_W), mTiles[m_blk, 0], mTiles[m_blk, 1], mTiles[m_blk, 2]
 
     @cute.jit
     def source_row(self, mRowToken, row_start, row_end, i):
