@@ -3,15 +3,22 @@ GEMM + finalize, each one persistent, warp-specialized kernel.
 
 Hopper has no FP4 MMA. The weights are the wgmma A operand, taken from registers: each consumer thread
 decodes its own fragment (e2m1 x e4m3 -> bf16 is exact: 6 significant bits) and the routed-token rows are
-the B operand in shared memory; fp32 accumulate, the global scale in the epilogue. A work tile is 128
-weight rows x 256 routed rows of one expert; K advances 64 at a time through a ring of smem stages:
+the B operand in shared memory; fp32 accumulate, the global scale in the epilogue. A work tile is (by
+default) 128 weight rows x 256 routed rows of one expert; K advances 64 at a time through a ring of smem
+stages:
 
     producer warpgroup   cp.async of the token rows (FC1 gathers them by row -> token) into a swizzled
-                         stage, and of the expert's packed codes and block scales into a raw stage;
-                         cp.async.mbarrier.arrive marks the stage full when the copies land
-    2 consumer warpgroups  per K step: pick the fragment's bytes (prmt), decode them with quack's
-                         lookup, scale (bf16x2 multiply), then wgmma m64n256k16 RS; the next step decodes
-                         into a second register fragment while this one's wgmmas run
+                         stage, and of the expert's packed codes and block scales into a raw stage, from
+                         addresses worked out once per work tile; cp.async.mbarrier.arrive marks the stage
+                         full when the copies land
+    2 consumer warpgroups  per 16-wide k block: pick the fragment's bytes (prmt), decode them with quack's
+                         lookup, scale (bf16x2 multiply), then wgmma m64n256k16 RS, so that a block's
+                         wgmmas run while the next block decodes
+
+The decode is the bottleneck on Hopper (its integer pipe, not the tensor cores, is the busy one), which is
+why the default tile is 256 tokens wide: a weight fragment decoded once feeds 256 token columns. A tile
+of 256 weight rows x 128 tokens halves the token traffic from L2 but decodes twice as much per FLOP and
+measured slower (results/README.md).
 
 Epilogues:
     FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
@@ -46,22 +53,25 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass import pipeline
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
-from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts, prmt
+from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts, mul_bf16x2_bcast, prmt
 
-TILE_W = 128  # weight rows per work tile: two consumer warpgroups of 64 (FC1: 64 gate + 64 up rows)
+TILE_W = 128  # weight rows per work tile: 2 consumer warpgroups x 64 (FC1: gate and up rows)
 TILE_M = 256  # routed-token rows per work tile (the wgmma N)
 TILE_K = 64
+STAGES = 4
 PRODUCER_THREADS = 128  # warpgroup 0: cp.async loads only
 CONSUMER_THREADS = 256  # warpgroups 1 and 2: decode, wgmma, epilogue
 THREADS = PRODUCER_THREADS + CONSUMER_THREADS
+PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 128 x 40 + 256 x 232 fits the 64K registers of an SM
 BLOCK = 16  # NVFP4 block: one e4m3 scale per 16 k
+LOG2E = 1.4426950408889634
 
 
-def check_shape(fc1: bool, n: int, k: int, a=None) -> None:
+def check_shape(fc1: bool, n: int, k: int, a=None, tile_w: int = TILE_W) -> None:
     """Clear errors for what the kernels do not cover: weight shape [N, K] of one expert, activations `a`."""
-    if k % (2 * TILE_K) or n % TILE_W:
+    if k % TILE_K or n % tile_w:
         raise ValueError(
-            f"the CuTe DSL MoE kernels need K % {2 * TILE_K} == 0 and N % {TILE_W} == 0 (got N={n}, K={k}); "
+            f"the CuTe DSL MoE kernels need K % {TILE_K} == 0 and N % {tile_w} == 0 (got N={n}, K={k}); "
             "use --kernels grouped or torch for this model"
         )
     if a is not None and (a.dtype != torch.bfloat16 or a.shape[-1] != k or not a.is_cuda):
@@ -71,12 +81,16 @@ def check_shape(fc1: bool, n: int, k: int, a=None) -> None:
 class MoEGemmSm90:
     """One grouped NVFP4 GEMM with a fused epilogue; `fc1` picks gather + SwiGLU or finalize.
 
-    n, k: the weight shape [N, K] of one expert (FC1: N = 2I, K = H; FC2: N = H, K = I); stages: depth
-    of the smem ring."""
+    n, k: the weight shape [N, K] of one expert (FC1: N = 2I, K = H; FC2: N = H, K = I); tile_w x tile_m:
+    weight rows x token rows of a work tile (tile_w a multiple of 128: each consumer warpgroup holds
+    tile_w / 128 blocks of 64 weight rows); stages: depth of the smem ring."""
 
-    def __init__(self, fc1: bool, n: int, k: int, stages: int = 5):
-        check_shape(fc1, n, k)
-        self.fc1, self.n, self.k, self.stages = fc1, n, k, stages
+    def __init__(self, fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, stages: int = STAGES):
+        check_shape(fc1, n, k, tile_w=tile_w)
+        if tile_w % 128 or tile_m % 64 or not 64 <= tile_m <= 256:
+            raise ValueError(f"tile {tile_w} x {tile_m}: the weight rows must be a multiple of 128, the token rows 64, 128, 192 or 256")
+        self.fc1, self.n, self.k, self.tile_w, self.tile_m, self.stages = fc1, n, k, tile_w, tile_m, stages
+        self.reps = tile_w // 128  # blocks of 64 weight rows per consumer warpgroup
 
     @cute.jit
     def __call__(
@@ -91,13 +105,15 @@ class MoEGemmSm90:
         num_ctas: cutlass.Int32,  # persistent CTAs (the SM count)
         stream,
     ):
-        # weights are the wgmma A operand, from registers; routed-token rows are B, from smem
+        # weights are the wgmma A operand, from registers; routed-token rows are B, from smem. The tiled
+        # MMA covers 128 weight rows (warpgroup g: rows 64g..64g+63); a work tile repeats it tile_w / 128
+        # times, so tile row t belongs to warpgroup (t // 64) % 2, block t // 128
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
-            (2, 1, 1), tiler_mn=(64, TILE_M), a_source=warpgroup.OperandSource.RMEM,
+            (2, 1, 1), tiler_mn=(64, self.tile_m), a_source=warpgroup.OperandSource.RMEM,
         )
-        b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_W, TILE_M, TILE_K), cutlass.BFloat16, self.stages)
-        work = cute.size(mTiles, mode=[0]) * (self.n // TILE_W)
+        b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.tile_w, self.tile_m, TILE_K), cutlass.BFloat16, self.stages)
+        work = cute.size(mTiles, mode=[0]) * (self.n // self.tile_w)
         self.kernel(tiled_mma, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
@@ -119,25 +135,26 @@ class MoEGemmSm90:
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        stages = self.stages
-        n_blocks = self.n // TILE_W
-        work_count = cute.size(mTiles, mode=[0]) * n_blocks
+        stages, tile_w, tile_m = self.stages, self.tile_w, self.tile_m
+        work_count = cute.size(mTiles, mode=[0]) * (self.n // tile_w)
         k_tiles = self.k // TILE_K
 
         smem = SmemAllocator()
         barriers = smem.allocate_array(cutlass.Int64, 2 * stages)
         sX = smem.allocate_tensor(cutlass.BFloat16, b_layout.outer, 1024, b_layout.inner)
         sW = smem.allocate_tensor(
-            cutlass.Uint8, cute.make_layout((TILE_W, TILE_K // 2, stages), stride=(TILE_K // 2, 1, TILE_W * TILE_K // 2)), 16
+            cutlass.Uint8, cute.make_layout((tile_w, TILE_K // 2, stages), stride=(TILE_K // 2, 1, tile_w * TILE_K // 2)), 16
         )
         sSF = smem.allocate_tensor(
-            cutlass.Uint8, cute.make_layout((TILE_W, TILE_K // BLOCK, stages), stride=(TILE_K // BLOCK, 1, TILE_W * TILE_K // BLOCK)), 16
+            cutlass.Uint8, cute.make_layout((tile_w, TILE_K // BLOCK, stages), stride=(TILE_K // BLOCK, 1, tile_w * TILE_K // BLOCK)), 16
         )
-        sEpi = None
-        if cutlass.const_expr(not self.fc1):
-            # FC2's finalize transposes each warpgroup's accumulators through here, 64 tokens at a time,
-            # so that a thread owns 4 consecutive output columns of one token (rows padded by 4 floats
-            # against bank conflicts)
+        # the epilogues go through smem, per consumer warpgroup (rows padded by 16 bytes against bank
+        # conflicts): FC1 stages its bf16 output tile so that rows leave in 16-byte stores; FC2 transposes
+        # its accumulators 64 tokens at a time so that a thread owns 4 consecutive columns of one token
+        if cutlass.const_expr(self.fc1):
+            cols = tile_w // 4
+            sEpi = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((2, tile_m, cols), stride=(tile_m * (cols + 8), cols + 8, 1)), 16)
+        else:
             sEpi = smem.allocate_tensor(cutlass.Float32, cute.make_layout((2, 64, 64), stride=(64 * 68, 68, 1)), 16)
         # full[s]: the producer's cp.async copies into stage s landed; empty[s]: the consumers' wgmmas on
         # stage s are done
@@ -150,75 +167,86 @@ class MoEGemmSm90:
 
         if warp < PRODUCER_THREADS // 32:
             # ---- producer: cp.async only; see load_step for who copies what ----
-            cute.arch.setmaxregister_decrease(56)
-            src_rows = cute.make_rmem_tensor((TILE_M // 16,), cutlass.Int32)
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            offsets = self.load_offsets(tidx)
+            x_off = cute.make_rmem_tensor((tile_m // 16,), cutlass.Int32)
+            w_off = cute.make_rmem_tensor((tile_w // 64,), cutlass.Int32)
+            sf_off = cute.make_rmem_tensor((tile_w // 128,), cutlass.Int32)
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
                 n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
-                    for i in cutlass.range_constexpr(TILE_M // 16):
-                        src_rows[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i)
-                    mW = cute.make_tensor(
-                        cute.make_ptr(cutlass.Uint8, mWPtr[expert], cute.AddressSpace.gmem, assumed_align=16),
-                        cute.make_layout((self.n, self.k // 2), stride=(self.k // 2, 1)),
-                    )
-                    mSF = cute.make_tensor(
-                        cute.make_ptr(cutlass.Uint8, mSFPtr[expert], cute.AddressSpace.gmem, assumed_align=4),
-                        cute.make_layout((self.n, self.k // BLOCK), stride=(self.k // BLOCK, 1)),
-                    )
+                    # where this thread's rows start (see load_step); each K step adds its k offset
+                    for i in cutlass.range_constexpr(tile_m // 16):
+                        x_off[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
+                    for i in cutlass.range_constexpr(tile_w // 64):
+                        w_off[i] = self.weight_row(n_blk, tidx // 2 + 64 * i) * (self.k // 2) + (tidx % 2) * 16
+                    for i in cutlass.range_constexpr(tile_w // 128):
+                        sf_off[i] = self.weight_row(n_blk, tidx + 128 * i) * (self.k // BLOCK)
+                    sources = (mA.iterator.toint(), mWPtr[expert], mSFPtr[expert])
                     for k_tile in cutlass.range(k_tiles, unroll=1):
                         ring.producer_acquire(state)
-                        self.load_step(mA, src_rows, mW, mSF, n_blk, sX, sW, sSF, tidx, k_tile, state.index)
+                        self.load_step(sources, (x_off, w_off, sf_off), offsets, (sX, sW, sSF), k_tile, state.index)
                         ring.producer_commit(state)
                         state.advance()
         else:
             # ---- consumers: decode the weight fragment into registers, wgmma, epilogue ----
-            cute.arch.setmaxregister_increase(224)
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
             ctid = tidx - PRODUCER_THREADS
             thr_mma = tiled_mma.get_slice(ctid)
             tCrX = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
-            frag_shape = thr_mma.partition_shape_A((TILE_W, TILE_K))
-            frags = (tiled_mma.make_fragment_A(frag_shape), tiled_mma.make_fragment_A(frag_shape))
-            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((TILE_W, TILE_M)), cutlass.Float32)
-            k_blocks = cute.size(frags[0], mode=[2])
+            frag = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((tile_w, TILE_K)))
+            acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_w, tile_m)), cutlass.Float32)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            # this thread's weight tile rows r and r + 8 and byte lane q (see decode_step)
+            # this thread's weight tile rows r + 128 j and r + 8 + 128 j, and byte lane q (see decode_block)
             lane = ctid % 32
             r = (ctid // 32) * 16 + lane // 4
             q = lane % 4
             luts = make_decode_luts()
+            # this K step's packed codes and block scales of the thread's rows, loaded once per step
+            codes = cute.make_rmem_tensor((TILE_K // 8, 2 * self.reps), cutlass.Int32)
+            scale_words = cute.make_rmem_tensor((2 * self.reps,), cutlass.Int32)
+            # what the epilogue reads from global memory, loaded before the main loop hides its latency:
+            # FC1 the expert's 1 / global scale; FC2 the token and coefficient of each row the thread adds
+            epi_scale = cute.make_rmem_tensor((tile_m // 64,), cutlass.Float32)
+            epi_token = cute.make_rmem_tensor((tile_m // 64,), cutlass.Int32)
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
                 n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
+                    self.epilogue_inputs(mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token)
                     acc.fill(0.0)
-                    # two K steps per iteration so that the register fragment of step k stays untouched
-                    # while its wgmmas run and step k + 1 decodes into the other one
-                    for k_pair in cutlass.range(k_tiles // 2, unroll=1):
-                        for j in cutlass.range_constexpr(2):
-                            ring.consumer_wait(read)
-                            cute.arch.fence_proxy("async.shared", space="cta")
-                            self.decode_step(sW, sSF, read.index, r, q, frags[j], luts)
+                    for k_tile in cutlass.range(k_tiles, unroll=1):
+                        ring.consumer_wait(read)
+                        cute.arch.fence_proxy("async.shared", space="cta")
+                        for i in cutlass.range_constexpr(2 * self.reps):
+                            row = r + 8 * (i % 2) + 128 * (i // 2)
+                            cute.autovec_copy(cute.recast_tensor(sW[row, None, read.index], cutlass.Int32), codes[None, i])
+                            scale_words[i] = cute.recast_tensor(sSF[row, None, read.index], cutlass.Int32)[0]
+                        # one 16-wide k block at a time: its wgmmas run while the next block decodes. The
+                        # fragment has a register slot per block; slot kb is free again once the previous K
+                        # step's block kb is done, which is what waiting for all but the 3 newest groups means
+                        for kb in cutlass.range_constexpr(TILE_K // 16):
+                            warpgroup.wait_group(3)
+                            self.decode_block(codes, scale_words, q, kb, frag, luts)
                             warpgroup.fence()
-                            for kb in cutlass.range_constexpr(k_blocks):
-                                cute.gemm(tiled_mma, acc, frags[j][None, None, kb], tCrX[None, None, kb, read.index], acc)
+                            cute.gemm(tiled_mma, acc, frag[None, None, kb], tCrX[None, None, kb, read.index], acc)
                             warpgroup.commit_group()
-                            read.advance()
-                            warpgroup.wait_group(1)  # the previous step's wgmmas are done: release its stage
-                            if k_pair > 0 or j > 0:
-                                ring.consumer_release(release)
-                                release.advance()
+                        if k_tile > 0:
+                            ring.consumer_release(release)  # every wgmma of the previous K step is done
+                            release.advance()
+                        read.advance()
                     warpgroup.wait_group(0)
                     ring.consumer_release(release)
                     release.advance()
-                    self.epilogue(acc, thr_mma, mRowToken, mScale, mOut, sEpi, ctid, expert, row_start, row_end, n_blk)
+                    self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk)
 
     def work_item(self, mTiles, w):
         """Work item w: weight block n_blk of token tile w // n_blocks (consecutive items share a token
         tile) as (n_blk, expert, first row, end row). Producer and consumers walk the same items."""
-        m_blk = w // (self.n // TILE_W)
-        return w % (self.n // TILE_W), mTiles[m_blk, 0], mTiles[m_blk, 1], mTiles[m_blk, 2]
+        m_blk = w // (self.n // self.tile_w)
+        return w % (self.n // self.tile_w), mTiles[m_blk, 0], mTiles[m_blk, 1], mTiles[m_blk, 2]
 
     @cute.jit
     def source_row(self, mRowToken, row_start, row_end, i):
@@ -231,124 +259,155 @@ class MoEGemmSm90:
             row = mRowToken[row]
         return row
 
+    def swiglu_column(self, t):
+        """FC1: the output column, within the work tile's tile_w / 2, of weight tile row t. Tile rows
+        interleave gate and up in groups of 8 (rows 16i..16i+7 gate, 16i+8..16i+15 up of the same 8
+        columns), so that a thread's accumulator rows t and t + 8 are the gate and the up of one column;
+        warpgroup g's columns are the contiguous g-th half of the tile's."""
+        g, u = (t // 64) % 2, t % 64
+        return g * (self.tile_w // 4) + (t // 128) * 32 + (u // 16) * 8 + u % 8
+
     def weight_row(self, n_blk, t):
-        """The expert weight row held by tile row t of weight block n_blk. FC1 interleaves gate and up in
-        groups of 8 (tile rows 16g..16g+7 gate, 16g+8..16g+15 up of the same 8 output columns), so that
-        a thread's accumulator rows r and r + 8 are the gate and the up of one output column."""
+        """The expert weight row held by tile row t of weight block n_blk (FC1: gate rows [0, N/2), up
+        rows [N/2, N))."""
         if cutlass.const_expr(self.fc1):
-            column = n_blk * (TILE_W // 2) + (t // 16) * 8 + t % 8
-            return (self.n // 2) * ((t // 8) % 2) + column
-        return n_blk * TILE_W + t
+            return (self.n // 2) * ((t // 8) % 2) + n_blk * (self.tile_w // 2) + self.swiglu_column(t)
+        return n_blk * self.tile_w + t
+
+    def load_offsets(self, p):
+        """Byte offsets in a stage's token, code and scale buffers of producer thread p's first copy of each
+        kind (see load_step). The token buffer is wgmma's 128-byte swizzle: 16-byte chunk c of row m sits
+        at chunk c ^ (m % 8); rows p // 8 + 16 i share m % 8, so one offset plus 2048 i serves them all."""
+        row = p // 8
+        return row * (TILE_K * 2) + ((p % 8) ^ (row % 8)) * 16, (p // 2) * (TILE_K // 2) + (p % 2) * 16, p * (TILE_K // BLOCK)
 
     @cute.jit
-    def load_step(self, mA, src_rows, mW, mSF, n_blk, sX, sW, sSF, p, k_tile, stage):
+    def load_step(self, sources, src_offsets, dst_offsets, buffers, k_tile, stage):
         """cp.async K step `k_tile` into `stage`. Consecutive threads copy consecutive 16-byte chunks of
         a row, so that a warp reads whole 128-byte lines (one thread per row would read half sectors of
         32 rows per instruction, which measured ~2x slower than the MMA): thread p copies chunk p % 8 of
         token tile rows p // 8 + 16 i, half p % 2 of packed weight rows p // 2 + 64 i, and the 4 block
-        scales of weight row p."""
-        copy16 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.BFloat16, num_bits_per_copy=128)
-        copy16_u8 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.Uint8, num_bits_per_copy=128)
-        copy4_u8 = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32)
-        chunk = p % 8
-        for i in cutlass.range_constexpr(TILE_M // 16):
-            src = cute.local_tile(mA[src_rows[i], None], (8,), (k_tile * (TILE_K // 8) + chunk,))
-            cute.copy(copy16, src, cute.local_tile(sX[p // 8 + 16 * i, None, stage], (8,), (chunk,)))
-        for i in cutlass.range_constexpr(TILE_W // 64):
-            row = p // 2 + 64 * i
-            src = cute.local_tile(mW[self.weight_row(n_blk, row), None], (16,), (k_tile * 2 + p % 2,))
-            cute.copy(copy16_u8, src, cute.local_tile(sW[row, None, stage], (16,), (p % 2,)))
-        cute.copy(copy4_u8, cute.local_tile(mSF[self.weight_row(n_blk, p), None], (4,), (k_tile,)), sSF[p, None, stage])
+        scales of weight rows p + 128 i. Addresses are the per-tile offsets plus this step's k: no
+        layout arithmetic per copy."""
+        copy16 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.Uint8, num_bits_per_copy=128)
+        copy4 = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32)
+        x_base, w_base, sf_base = sources
+        x_off, w_off, sf_off = src_offsets
+        sx_off, sw_off, ssf_off = dst_offsets
+        sX, sW, sSF = buffers
+        tile_m, tile_w = self.tile_m, self.tile_w
+        kinds = (
+            (x_base, x_off, 2 * k_tile * TILE_K, 2, sX.iterator.toint() + stage * (tile_m * TILE_K * 2) + sx_off, 16 * TILE_K * 2, copy16, 16),
+            (w_base, w_off, k_tile * (TILE_K // 2), 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, 64 * TILE_K // 2, copy16, 16),
+            (sf_base, sf_off, k_tile * (TILE_K // BLOCK), 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, 128 * TILE_K // BLOCK, copy4, 4),
+        )
+        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds:
+            for i in cutlass.range_constexpr(cute.size(offs)):
+                src = cute.make_ptr(cutlass.Uint8, base + cutlass.Int64(offs[i]) * elem_bytes + k_bytes, cute.AddressSpace.gmem, assumed_align=size)
+                dst = cute.make_ptr(cutlass.Uint8, dst0 + i * dst_step, cute.AddressSpace.smem, assumed_align=size)
+                cute.copy(atom, cute.make_tensor(src, cute.make_layout(size)), cute.make_tensor(dst, cute.make_layout(size)))
 
     @cute.jit
-    def decode_step(self, sW, sSF, stage, r, q, frag, luts):
-        """Decode this thread's wgmma A fragment of one K step into `frag`. Per 16-wide k block the
-        fragment holds (row r, k 2q..2q+1), (row r+8, same k), (row r, k 8+2q..), (row r+8, k 8+2q..):
-        bytes q and 4+q of each row's 8-byte block. prmt gathers those four bytes into one word, quack's
-        lookup decodes it into the four bf16x2 registers, one bf16x2 multiply each applies the block
-        scale (exact: e2m1 x e4m3 fits bf16's mantissa)."""
-        row_lo = cute.make_rmem_tensor((8,), cutlass.Int32)
-        row_hi = cute.make_rmem_tensor((8,), cutlass.Int32)
-        cute.autovec_copy(cute.recast_tensor(sW[r, None, stage], cutlass.Int32), row_lo)
-        cute.autovec_copy(cute.recast_tensor(sW[r + 8, None, stage], cutlass.Int32), row_hi)
-        sf_lo = cute.make_rmem_tensor((4,), cutlass.Float8E4M3FN)
-        sf_hi = cute.make_rmem_tensor((4,), cutlass.Float8E4M3FN)
-        cute.autovec_copy(cute.recast_tensor(sSF[r, None, stage], cutlass.Float8E4M3FN), sf_lo)
-        cute.autovec_copy(cute.recast_tensor(sSF[r + 8, None, stage], cutlass.Float8E4M3FN), sf_hi)
-        scale_lo = sf_lo.load().to(cutlass.Float32)
-        scale_hi = sf_hi.load().to(cutlass.Float32)
-        pick = cutlass.Int32(q | ((q + 4) << 4))  # byte q of the first word, byte q of the second
+    def decode_block(self, codes, scale_words, q, kb, frag, luts):
+        """Decode this thread's wgmma A fragment of 16-wide k block kb into `frag`. Per block j of 64
+        weight rows the fragment holds (row r, k 2q..2q+1), (row r+8, same k), (row r, k 8+2q..), (row r+8,
+        k 8+2q..) with r counted from 128 j: byte q of the block's two 4-byte words of each row. prmt gathers
+        those four bytes into one word, quack's lookup decodes it into the four bf16x2 registers, and one
+        bf16x2 multiply each applies the block scale of the row (exact: e2m1 x e4m3 fits bf16's mantissa).
+        codes[:, 2j], codes[:, 2j + 1]: the K step's 8 code words of rows r, r + 8 of block j;
+        scale_words[2j], [2j + 1]: their 4 block scales."""
         words = cute.recast_tensor(frag, cutlass.Int32)
-        for kb in cutlass.range_constexpr(TILE_K // 16):
-            first = prmt(row_lo[2 * kb], row_hi[2 * kb], pick)
-            second = prmt(row_lo[2 * kb + 1], row_hi[2 * kb + 1], pick)
+        pick = cutlass.Int32(q | ((q + 4) << 4))  # byte q of the first word, byte q of the second
+        for j in cutlass.range_constexpr(self.reps):
+            lo, hi = 2 * j, 2 * j + 1
+            first = prmt(codes[2 * kb, lo], codes[2 * kb, hi], pick)
+            second = prmt(codes[2 * kb + 1, lo], codes[2 * kb + 1, hi], pick)
             decoded = decode_e2m1x8_to_bf16x8(prmt(first, second, cutlass.Int32(0x5410)), luts)
-            s_lo = bf16x2_splat(scale_lo[kb])
-            s_hi = bf16x2_splat(scale_hi[kb])
-            words[4 * kb + 0] = mul_bf16x2(decoded[0], s_lo)
-            words[4 * kb + 1] = mul_bf16x2(decoded[1], s_hi)
-            words[4 * kb + 2] = mul_bf16x2(decoded[2], s_lo)
-            words[4 * kb + 3] = mul_bf16x2(decoded[3], s_hi)
+            # (scale of row r, scale of row r + 8) of block kb as a bf16x2 pair
+            scales = e4m3x2_to_bf16x2(prmt(scale_words[lo], scale_words[hi], cutlass.Int32(kb | ((kb + 4) << 4))))
+            words[0, j, kb] = mul_bf16x2_bcast(decoded[0], scales, False)
+            words[1, j, kb] = mul_bf16x2_bcast(decoded[1], scales, True)
+            words[2, j, kb] = mul_bf16x2_bcast(decoded[2], scales, False)
+            words[3, j, kb] = mul_bf16x2_bcast(decoded[3], scales, True)
 
     @cute.jit
-    def epilogue(self, acc, thr_mma, mRowToken, mScale, mOut, sEpi, ctid, expert, row_start, row_end, n_blk):
-        """Accumulator element (weight tile row t, token row m) -> the output. A thread holds rows t and
-        t + 8 for the same token columns: elements 4j, 4j+1 and 4j+2, 4j+3 (tokens 8j + 2q, + 1)."""
-        coords = thr_mma.partition_C(cute.make_identity_tensor((TILE_W, TILE_M)))
+    def epilogue_inputs(self, mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token):
+        """FC1: epi_scale[0] = 1 / the expert's global scale. FC2: per 64-token chunk c of the tile, the
+        token and coefficient of the row this thread adds (see epilogue); 0 past the expert's rows."""
         if cutlass.const_expr(self.fc1):
-            inv_scale = mScale[expert]
-            for i in cutlass.range_constexpr(cute.size(acc) // 4):
-                for e in cutlass.range_constexpr(2):
-                    t, m = coords[4 * i + e]
-                    row = row_start + m
-                    if row < row_end:
-                        gate = acc[4 * i + e] * inv_scale
-                        up = acc[4 * i + 2 + e] * inv_scale
-                        h = gate / (1.0 + cute.math.exp(-gate)) * up
-                        mOut[row, self.weight_row(n_blk, t)] = h.to(cutlass.BFloat16)
+            epi_scale[0] = mScale[expert]
+        else:
+            for c in cutlass.range_constexpr(self.tile_m // 64):
+                row = row_start + 64 * c + (ctid % 128) // 2
+                epi_token[c] = 0
+                epi_scale[c] = 0.0
+                if row < row_end:
+                    epi_token[c] = mRowToken[row]
+                    epi_scale[c] = mScale[row]
+
+    @cute.jit
+    def epilogue(self, acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk):
+        """Accumulator element (weight tile row t, token row m) -> the output. Per block of 64 weight rows
+        a thread holds rows t and t + 8 for the same token columns: elements 4i, 4i+1 and 4i+2, 4i+3
+        (tokens 8i + 2q, + 1), the block's tile_m / 2 elements after the previous block's."""
+        tile_m = self.tile_m
+        coords = thr_mma.partition_C(cute.make_identity_tensor((self.tile_w, tile_m)))
+        g = ctid // 128
+        i = ctid % 128
+        if cutlass.const_expr(self.fc1):
+            # h = silu(gate / s) * (up / s) into this warpgroup's smem tile, then out in 16-byte stores
+            inv_scale = epi_scale[0]
+            cols = self.tile_w // 4
+            for idx in cutlass.range_constexpr(cute.size(acc)):
+                if cutlass.const_expr(idx % 4 < 2):
+                    t, m = coords[idx]
+                    gate = acc[idx] * inv_scale
+                    up = acc[idx + 2] * inv_scale
+                    sig = cute.arch.rcp_approx(1.0 + cute.math.exp2(gate * -LOG2E, fastmath=True))
+                    sEpi[g, m, self.swiglu_column(t) - g * cols] = (gate * sig * up).to(cutlass.BFloat16)
+            cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+            chunks = cols // 8
+            for s in cutlass.range_constexpr(tile_m * chunks // 128):
+                m = i // chunks + (128 // chunks) * s
+                row = row_start + m
+                if row < row_end:
+                    part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
+                    cute.autovec_copy(cute.local_tile(sEpi[g, m, None], (8,), (i % chunks,)), part)
+                    cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (n_blk * (2 * chunks) + g * chunks + i % chunks,)))
+            cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
         else:
             # finalize: out[token] += coef * z with 16-byte fp32 vector atomics (4x fewer than scalar ones)
-            g = ctid // 128
-            i = ctid % 128
             mt = i // 2
             half = i % 2
-            for c in cutlass.range_constexpr(TILE_M // 64):
-                for j in cutlass.range_constexpr(8):
-                    for e in cutlass.range_constexpr(4):
-                        idx = 4 * (8 * c + j) + e
-                        t, m = coords[idx]
-                        sEpi[g, m - 64 * c, t - 64 * g] = acc[idx]
-                cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
-                row = row_start + 64 * c + mt
-                if row < row_end:
-                    coef = mScale[row]
-                    base = mRowToken[row] * self.n + n_blk * TILE_W + 64 * g + 32 * half
-                    for v in cutlass.range_constexpr(8):
-                        part = cute.make_rmem_tensor((4,), cutlass.Float32)
-                        cute.autovec_copy(cute.local_tile(sEpi[g, mt, None], (4,), (8 * half + v,)), part)
-                        ptr = cute.make_ptr(cutlass.Float32, mOut.iterator.toint() + (base + 4 * v) * 4, cute.AddressSpace.gmem, assumed_align=16)
-                        cute.arch.atomic_add(ptr, (part.load() * coef).ir_value())
-                cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+            for j in cutlass.range_constexpr(self.reps):
+                for c in cutlass.range_constexpr(tile_m // 64):
+                    for n8 in cutlass.range_constexpr(8):
+                        for e in cutlass.range_constexpr(4):
+                            idx = (tile_m // 2) * j + 4 * (8 * c + n8) + e
+                            t, m = coords[idx]
+                            sEpi[g, m - 64 * c, t % 64] = acc[idx]
+                    cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+                    if row_start + 64 * c + mt < row_end:
+                        coef = epi_scale[c]
+                        base = epi_token[c] * self.n + n_blk * self.tile_w + 128 * j + 64 * g + 32 * half
+                        for v in cutlass.range_constexpr(8):
+                            part = cute.make_rmem_tensor((4,), cutlass.Float32)
+                            cute.autovec_copy(cute.local_tile(sEpi[g, mt, None], (4,), (8 * half + v,)), part)
+                            ptr = cute.make_ptr(cutlass.Float32, mOut.iterator.toint() + (base + 4 * v) * 4, cute.AddressSpace.gmem, assumed_align=16)
+                            cute.arch.atomic_add(ptr, (part.load() * coef).ir_value())
+                    cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
 
 
 @dsl_user_op
-def bf16x2_splat(x: cutlass.Float32, *, loc=None, ip=None) -> cutlass.Int32:
-    """bf16x2 word holding x (rounded to bf16) in both lanes."""
+def e4m3x2_to_bf16x2(pair: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Int32:
+    """The two e4m3 values in the low 16 bits of `pair` as a bf16x2 word (exact, subnormals included:
+    e4m3 -> f16 -> f32 -> bf16)."""
     return cutlass.Int32(
         llvm.inline_asm(
-            T.i32(), [cutlass.Float32(x).ir_value(loc=loc, ip=ip)],
-            "{.reg .b16 h; cvt.rn.bf16.f32 h, $1; mov.b32 $0, {h, h};}", "=r,f", has_side_effects=False, loc=loc, ip=ip,
-        )
-    )
-
-
-@dsl_user_op
-def mul_bf16x2(a: cutlass.Int32, b: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Int32:
-    """Lane-wise product of two bf16x2 words (round to nearest; exact for the products used here)."""
-    return cutlass.Int32(
-        llvm.inline_asm(
-            T.i32(), [cutlass.Int32(a).ir_value(loc=loc, ip=ip), cutlass.Int32(b).ir_value(loc=loc, ip=ip)],
-            "mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", has_side_effects=False, loc=loc, ip=ip,
+            T.i32(), [cutlass.Int32(pair).ir_value(loc=loc, ip=ip)],
+            "{.reg .b16 p, q, lo, hi; .reg .b32 h2; .reg .f32 f0, f1; mov.b32 {p, q}, $1; cvt.rn.f16x2.e4m3x2 h2, p; "
+            "mov.b32 {lo, hi}, h2; cvt.f32.f16 f0, lo; cvt.f32.f16 f1, hi; cvt.rn.bf16x2.f32 $0, f1, f0;}",
+            "=r,r", has_side_effects=False, loc=loc, ip=ip,
         )
     )
 
@@ -360,12 +419,12 @@ def _fake(dtype, shape, align: int = 16):
 
 
 @functools.cache
-def compile_gemm(fc1: bool, n: int, k: int):
-    """Compile one stage for one expert weight shape [N, K] (once per process; also runs on a CPU machine
-    with CUTE_DSL_ARCH=sm_90a, which is how CI checks that both kernels build)."""
+def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M):
+    """Compile one stage for one expert weight shape [N, K] and work tile (once per process; also runs on a
+    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that both kernels build)."""
     out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.Float32, (None, n))
     return cute.compile(
-        MoEGemmSm90(fc1, n, k),
+        MoEGemmSm90(fc1, n, k, tile_w, tile_m),
         _fake(cutlass.BFloat16, (None, k)),
         _fake(cutlass.Int32, (None,), 4),
         _fake(cutlass.Int64, (None,), 8),

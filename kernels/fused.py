@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from .cute_moe import TILE_M, check_shape, compile_gemm
+from .cute_moe import TILE_M, TILE_W, check_shape, compile_gemm
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, WeightView
 
@@ -28,17 +28,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tile_table(plan: RoutingPlan) -> torch.Tensor:
-    """[tiles, 3] int32 (expert, first row, expert's end row) of every TILE_M-row tile of every expert,
-    padded with empty tiles (first row == end row) to the static bound ceil(R / TILE_M) + E."""
+def tile_table(plan: RoutingPlan, tile_m: int = TILE_M) -> torch.Tensor:
+    """[tiles, 3] int32 (expert, first row, expert's end row) of every tile_m-row tile of every expert,
+    padded with empty tiles (first row == end row) to the static bound ceil(R / tile_m) + E."""
     offsets = plan.expert_offsets
     e = plan.num_experts
     counts = offsets[1:] - offsets[:-1]
-    tiles = (counts + TILE_M - 1) // TILE_M
+    tiles = (counts + tile_m - 1) // tile_m
     tile_ends = torch.cumsum(tiles, 0)
-    index = torch.arange((plan.num_rows + TILE_M - 1) // TILE_M + e, device=offsets.device)
+    index = torch.arange((plan.num_rows + tile_m - 1) // tile_m + e, device=offsets.device)
     expert = torch.searchsorted(tile_ends, index, right=True).clamp(max=e - 1)
-    first = offsets[expert] + (index - (tile_ends[expert] - tiles[expert])) * TILE_M
+    first = offsets[expert] + (index - (tile_ends[expert] - tiles[expert])) * tile_m
     end = offsets[expert + 1]
     first = torch.where(index < tile_ends[-1], first, end)
     return torch.stack([expert, first, end], dim=1).to(torch.int32)
@@ -59,15 +59,17 @@ class FusedCuteKernels(GroupedTritonKernels):
 
     name = "cute"
 
-    def __init__(self, act_quant: bool = False):
+    def __init__(self, act_quant: bool = False, tile: tuple[int, int] = (TILE_W, TILE_M)):
+        """tile: weight rows x token rows of the kernels' work tile (the default is the measured best)."""
         super().__init__(act_quant)
+        self.tile = tile
         self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plan: tuple[RoutingPlan, torch.Tensor, torch.Tensor] | None = None
 
     def plan_tables(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The tile table and the int32 row -> token map of `plan`, built once for its FC1 and FC2."""
         if self._plan is None or self._plan[0] is not plan:
-            self._plan = (plan, tile_table(plan), plan.row_token.to(torch.int32))
+            self._plan = (plan, tile_table(plan, self.tile[1]), plan.row_token.to(torch.int32))
         return self._plan[1], self._plan[2]
 
     def pointer_tables(self, view: WeightView) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,18 +97,18 @@ class FusedCuteKernels(GroupedTritonKernels):
 
     def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
         """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
-        check_shape(True, w13.n, w13.k, x)
+        check_shape(True, w13.n, w13.k, x, self.tile[0])
         _check_int32_offsets(max(x.numel(), out.numel()))
         if plan.num_tokens:
             codes, scales = self.pointer_tables(w13)
             tiles, row_token = self.plan_tables(plan)
-            compile_gemm(True, w13.n, w13.k)(
+            compile_gemm(True, w13.n, w13.k, *self.tile)(
                 self._input(x).contiguous(), row_token, codes, scales, 1.0 / w13.global_scales(), tiles, out, _sm_count(x.device),
             )
         return out
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        check_shape(False, w2.n, w2.k, h)
+        check_shape(False, w2.n, w2.k, h, self.tile[0])
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
         _check_int32_offsets(max(h.numel(), 4 * out.numel()))  # FC2 addresses its output in bytes
         if plan.num_tokens:
@@ -114,7 +116,7 @@ class FusedCuteKernels(GroupedTritonKernels):
             tiles, row_token = self.plan_tables(plan)
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
-            compile_gemm(False, w2.n, w2.k)(
+            compile_gemm(False, w2.n, w2.k, *self.tile)(
                 self._input(h).contiguous(), row_token, codes, scales, coef, tiles, out, _sm_count(h.device),
             )
         return out.to(h.dtype)

@@ -19,19 +19,19 @@ MODEL_SHAPES = [(72, 2560, 1536), (256, 7168, 2048)]
 
 
 @needs_cute
-@pytest.mark.parametrize("e,h,inter", MODEL_SHAPES)
-def test_kernels_compile_for_sm90a(e, h, inter):
+@pytest.mark.parametrize("e,h,inter,tile", [(*MODEL_SHAPES[0], (128, 256)), (*MODEL_SHAPES[0], (256, 128)), (*MODEL_SHAPES[1], (128, 256))])
+def test_kernels_compile_for_sm90a(e, h, inter, tile):
     from dwdp_bench.kernels.cute_moe import compile_gemm
 
-    assert compile_gemm(True, 2 * inter, h) is not None
-    assert compile_gemm(False, h, inter) is not None
+    assert compile_gemm(True, 2 * inter, h, *tile) is not None
+    assert compile_gemm(False, h, inter, *tile) is not None
 
 
 @needs_cute
 def test_unsupported_shapes_are_refused_clearly():
     from dwdp_bench.kernels.cute_moe import check_shape
 
-    with pytest.raises(ValueError, match="K % 128 == 0 and N % 128 == 0.*--kernels grouped"):
+    with pytest.raises(ValueError, match="K % 64 == 0 and N % 128 == 0.*--kernels grouped"):
         check_shape(True, 64, 64)  # the tiny model's FC1
     with pytest.raises(ValueError, match="bf16 CUDA activations"):
         check_shape(False, 256, 128, torch.zeros(4, 128))
@@ -59,9 +59,12 @@ def _case(e, h, inter, t, k, align, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 256, 128, 300, 2, 1), (16, 512, 256, 2048, 6, 1), (9, 256, 384, 513, 3, 16), (72, 2560, 1536, 700, 6, 1)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cute_kernels_match_reference(shape, seed):
+@pytest.mark.parametrize("tile", [None, (256, 128)])  # the default work tile and the wide-weight one
+def test_cute_kernels_match_reference(shape, seed, tile):
+    from dwdp_bench.kernels.fused import FusedCuteKernels
+
     x, plan, v13, v2 = _case(*shape, seed)
-    ref, fused = get_kernels("torch", "cuda"), get_kernels("cute", "cuda")
+    ref, fused = get_kernels("torch", "cuda"), (FusedCuteKernels(tile=tile) if tile else get_kernels("cute", "cuda"))
     h_ref = ref.fc1(x, plan, v13)
     h = fused.fc1_into(x, plan, v13, torch.full_like(h_ref, float("nan")))  # poisoned: every expert row must be written
     written = int(plan.expert_offsets[-1])
@@ -85,9 +88,9 @@ def test_cute_kernels_with_no_tokens():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("tokens,align", [(1, 1), (300, 1), (1000, 16), (0, 1)])
-def test_tile_table_covers_every_expert_row_once(tokens, align, seed):
+@pytest.mark.parametrize("tile_m", [64, 256])
+def test_tile_table_covers_every_expert_row_once(tokens, align, seed, tile_m):
     pytest.importorskip("triton")
-    from dwdp_bench.kernels.cute_moe import TILE_M
     from dwdp_bench.kernels.fused import tile_table
 
     g = torch.Generator().manual_seed(seed)
@@ -95,18 +98,19 @@ def test_tile_table_covers_every_expert_row_once(tokens, align, seed):
     logits = torch.randn(tokens, e, generator=g) + torch.linspace(4, -4, e)  # skewed
     logits[:, 2] = -1e9  # an empty expert
     plan = build_plan(logits.topk(k, dim=-1).indices, torch.rand(tokens, k, generator=g), e, align)
-    table = tile_table(plan)
-    assert table.dtype == torch.int32 and table.shape == ((plan.num_rows + TILE_M - 1) // TILE_M + e, 3)
+    table = tile_table(plan, tile_m)
+    assert table.dtype == torch.int32 and table.shape == ((plan.num_rows + tile_m - 1) // tile_m + e, 3)
     covered = torch.zeros(plan.num_rows, dtype=torch.long)
     for expert, first, end in table.tolist():
         if first >= end:
             continue  # padding entry
         assert plan.expert_offsets[expert] <= first < end == plan.expert_offsets[expert + 1]
-        assert (first - plan.expert_offsets[expert]) % TILE_M == 0
-        covered[first : min(first + TILE_M, end)] += 1
+        assert (first - plan.expert_offsets[expert]) % tile_m == 0
+        covered[first : min(first + tile_m, end)] += 1
     assert (covered[: int(plan.expert_offsets[-1])] == 1).all()
 
 
+@needs_cute
 @pytest.mark.gpu
 def test_pointer_tables_follow_segments_in_expert_order():
     from dwdp_bench.kernels.fused import FusedCuteKernels
