@@ -261,7 +261,7 @@ def _rank_main(ctx: RankContext, a: dict) -> None:
     source = source_from_args(a)
     cfg = source.config
     tokenizer = load_tokenizer(a["model"], cfg.vocab_size)
-    kernel_name = a["kernels"] or default_kernels(ctx.device)
+    kernel_name = a["kernels"] or default_kernels(ctx.device, cfg.hidden_size, cfg.moe_intermediate_size)
     ctx.progress("building dense weights")
     engine = Engine(ctx, source, source.dense(ctx.device, getattr(torch, a["dtype"])), get_kernels(kernel_name, ctx.device, a["act_quant"]))
     options = strategy_options(a)

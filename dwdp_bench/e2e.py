@@ -66,7 +66,7 @@ def rank_main(ctx: RankContext, a: dict) -> None:
     source = source_from_args(a)
     cfg = source.config
     dtype = getattr(torch, a["dtype"])
-    kernel_name = a["kernels"] or default_kernels(ctx.device)
+    kernel_name = a["kernels"] or default_kernels(ctx.device, cfg.hidden_size, cfg.moe_intermediate_size)
     kernels = get_kernels(kernel_name, ctx.device, a["act_quant"])
     ctx.progress("building dense weights")
     engine = Engine(ctx, source, source.dense(ctx.device, dtype), kernels)

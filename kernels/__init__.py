@@ -3,6 +3,7 @@
     torch    plain torch, any device: the reference (kernels/reference.py)
     grouped  CUDA: Triton NVFP4 decode + torch._grouped_mm + Triton epilogues (kernels/grouped.py)
     cute     Hopper (sm_90): fused CuTe DSL kernels, NVFP4 decoded in the kernel (kernels/cute_moe.py)
+    cute-fc1 Hopper: cute's FC1 with grouped's FC2 (deterministic; the e2e default where its shapes fit)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from .interface import ExpertWeights, MoEKernels, RoutingPlan, WeightView, build_plan
 from .nvfp4 import NVFP4Weights
 
-KERNEL_NAMES = ("torch", "grouped", "cute")
+KERNEL_NAMES = ("torch", "grouped", "cute", "cute-fc1")
 
 
 def available_kernels(device: torch.device | str) -> list[str]:
@@ -25,16 +26,25 @@ def available_kernels(device: torch.device | str) -> list[str]:
         names.append("grouped")
         hopper = torch.cuda.get_device_capability(device)[0] == 9
         if hopper and all(importlib.util.find_spec(m) is not None for m in ("cutlass", "quack")):
-            names.append("cute")
+            names += ["cute", "cute-fc1"]
     return names
 
 
-def default_kernels(device: torch.device | str) -> str:
-    """grouped on CUDA, else torch. Not the fused cute kernels: their FC1 beats grouped but their FC2 does
-    not at e2e's 32K-token batches, e2e with them measured level with grouped, and their FC2 adds a
-    token's k rows with atomics in no fixed order, which moved DWDP's logits 15% away from replicated's
-    in the 27-layer random model (results/h200x2/kernels_h200x2.csv, e2e_cute_h200x2.csv)."""
-    return "grouped" if "grouped" in available_kernels(device) else "torch"
+def default_kernels(device: torch.device | str, hidden: int, intermediate: int) -> str:
+    """The fastest deterministic implementation that runs on `device` for experts of this hidden and
+    intermediate size: cute-fc1 where the fused kernels' tiles fit (the fused FC1 beats grouped's at 8K
+    to 32K tokens, grouped's FC2 beats the fused one at 32K and sums in a fixed order, which keeps DWDP
+    bit-identical to replicated: results/h200x2/), else grouped, else the torch reference."""
+    names = available_kernels(device)
+    if "cute-fc1" in names:
+        from .cute_moe import check_shape
+
+        try:
+            check_shape(True, 2 * intermediate, hidden)
+            return "cute-fc1"
+        except ValueError:
+            pass
+    return "grouped" if "grouped" in names else "torch"
 
 
 def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) -> MoEKernels:
@@ -50,12 +60,12 @@ def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) 
         from .grouped import GroupedTritonKernels
 
         return GroupedTritonKernels(act_quant)
-    if name == "cute":
+    if name in ("cute", "cute-fc1"):
         if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-            raise ValueError("kernels 'cute' run on Hopper (sm_90) GPUs only; use --kernels grouped or torch")
-        from .fused import FusedCuteKernels
+            raise ValueError(f"kernels {name!r} run on Hopper (sm_90) GPUs only; use --kernels grouped or torch")
+        from .fused import FusedCuteKernels, FusedFC1Kernels
 
-        return FusedCuteKernels(act_quant)
+        return (FusedCuteKernels if name == "cute" else FusedFC1Kernels)(act_quant)
     raise ValueError(f"unknown kernels {name!r}; choose one of: {', '.join(KERNEL_NAMES)}")
 
 

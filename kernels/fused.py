@@ -17,6 +17,7 @@ import torch
 from .cute_moe import TILE_M, TILE_W, check_shape, compile_gemm
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, WeightView
+from .reference import TorchReferenceKernels
 
 _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
 _INT32_MAX = 2**31 - 1
@@ -120,3 +121,12 @@ class FusedCuteKernels(GroupedTritonKernels):
                 self._input(h).contiguous(), row_token, codes, scales, coef, tiles, out, _sm_count(h.device),
             )
         return out.to(h.dtype)
+
+
+class FusedFC1Kernels(FusedCuteKernels):
+    """The fused FC1 with grouped's FC2 (Triton decode + torch._grouped_mm + a finalize that sums a token's k
+    rows in a fixed order): bit-reproducible, so DWDP stays bit-identical to replicated, where the fused
+    FC2's atomics add in a timing-dependent order; and grouped's FC2 is the faster one at 32K tokens."""
+
+    name = "cute-fc1"
+    fc2 = TorchReferenceKernels.fc2

@@ -37,6 +37,24 @@ def test_unsupported_shapes_are_refused_clearly():
         check_shape(False, 256, 128, torch.zeros(4, 128))
 
 
+def test_default_kernels_on_cpu_are_the_reference():
+    from dwdp_bench.kernels import default_kernels
+
+    assert default_kernels("cpu", 2560, 1536) == "torch"
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+def test_default_kernels_are_cute_fc1_where_the_shapes_fit():
+    from dwdp_bench.kernels import default_kernels
+    from dwdp_bench.runtime.config import get_config
+
+    assert default_kernels("cuda", 2560, 1536) == "cute-fc1"  # DeepSeek-V3-Lite
+    tiny = get_config("tiny")
+    assert default_kernels("cuda", tiny.hidden_size, tiny.moe_intermediate_size) == "grouped"
+
+
 def _case(e, h, inter, t, k, align, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     # unit-variance outputs, so that one absolute tolerance fits every shape
@@ -74,6 +92,19 @@ def test_cute_kernels_match_reference(shape, seed, tile):
     out_ref, out = ref.fc2(h_ref, plan, v2), fused.fc2(h_ref, plan, v2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=5e-2)
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cute_fc1_is_cutes_fc1_and_groupeds_fc2_bit_for_bit(seed):
+    x, plan, v13, v2 = _case(16, 512, 256, 2048, 6, 1, seed)
+    cute, grouped, mixed = (get_kernels(n, "cuda") for n in ("cute", "grouped", "cute-fc1"))
+    h = mixed.fc1(x, plan, v13)
+    assert torch.equal(h, cute.fc1(x, plan, v13))
+    assert torch.equal(mixed.fc2(h, plan, v2), grouped.fc2(h, plan, v2))
+    assert torch.equal(mixed.fc2(h, plan, v2), mixed.fc2(h, plan, v2))  # fixed summation order
 
 
 @on_hopper

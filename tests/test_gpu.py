@@ -2,6 +2,7 @@
 peer copies inside DWDP, and a 2-GPU end-to-end run. Skipped without CUDA."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 
@@ -62,3 +63,16 @@ def test_e2e_two_gpus_dwdp_is_identical_to_replicated(tmp_path):
     assert float(rows["dwdp"]["transport_bytes_per_rank"]) > 0
     for ep in ("ep", "ep-overlap"):
         assert float(rows[ep]["logit_rel_diff"]) < 0.05
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or torch.cuda.get_device_capability()[0] != 9, reason="needs 2 Hopper GPUs")
+@pytest.mark.skipif(importlib.util.find_spec("cutlass") is None, reason="CuTe DSL (nvidia-cutlass-dsl) not installed")
+def test_e2e_default_kernels_on_hopper_keep_dwdp_identical_to_replicated(tmp_path):
+    out = tmp_path / "e2e.csv"
+    cmd = [sys.executable, "-m", "dwdp_bench.cli", "e2e", "--gpus", "2", "--model", "synthetic:deepseek-v3-lite", "--layers", "3",
+           "--isl", "512", "--max-tokens", "2048", "--requests-per-rank", "4", "--cv", "0.3", "--strategies", "replicated,dwdp",
+           "--repeats", "1", "--out", str(out), "--timeout", "90", "--no-progress"]
+    subprocess.run(cmd, check=True, timeout=400)
+    rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
+    assert {r["kernels"] for r in rows.values()} == {"cute-fc1"}
+    assert float(rows["dwdp"]["logit_max_abs_diff"]) == 0.0
