@@ -340,11 +340,12 @@ def kernels(
     model_names = [m.strip() for m in (p["models"] or ("deepseek-v3-lite,deepseek-v3" if gpu else "tiny")).split(",") if m.strip()]
     token_counts = [int(t) for t in _csv_floats(p["tokens"] or ("1024,8192,32768,65536" if gpu else "64,256"), "--tokens")]
     skews = _csv_floats(p["skew"], "--skew")
-    names = [n for n in available_kernels(dev) if n != "cute-fc1"]  # its FC1 and FC2 are timed as cute's and grouped's
+    runnable = available_kernels(dev)
+    names = [n for n in runnable if n != "cute-fc1"]  # its FC1 and FC2 are timed as cute's and grouped's
     if p["impls"]:
         asked = _csv_names(p["impls"], list(KERNEL_NAMES), "kernel implementation")
-        if missing := [n for n in asked if n not in available_kernels(dev)]:
-            _fail(f"kernels {', '.join(missing)} do not run on {dev} here (runs: {', '.join(names)}); 'grouped' needs CUDA + Triton, "
+        if missing := [n for n in asked if n not in runnable]:
+            _fail(f"kernels {', '.join(missing)} do not run on {dev} here (runs: {', '.join(runnable)}); 'grouped' needs CUDA + Triton, "
                   "'cute' and 'cute-fc1' a Hopper (sm_90) GPU with CuTe DSL and quack")
         names = asked
     if "torch" not in names:
