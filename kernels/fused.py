@@ -55,6 +55,16 @@ def _check_int32_offsets(largest_offset: int) -> None:
         )
 
 
+def _check_fc1_out(out: torch.Tensor, rows: int, cols: int) -> None:
+    """FC1 stores 16-byte vectors into a dense bf16 [rows, cols]: refuse any other `out` rather than write
+    past or between its rows."""
+    if out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols) or not out.is_contiguous() or out.data_ptr() % 16:
+        raise ValueError(
+            f"FC1's output must be a contiguous, 16-byte aligned bf16 tensor [{rows}, {cols}]; got {out.dtype} "
+            f"{tuple(out.shape)} with strides {out.stride()} at an address {out.data_ptr() % 16} bytes past alignment"
+        )
+
+
 class FusedCuteKernels(GroupedTritonKernels):
     """FC1 = gather + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused."""
 
@@ -99,6 +109,7 @@ class FusedCuteKernels(GroupedTritonKernels):
     def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
         """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
         check_shape(True, w13.n, w13.k, x, self.tile[0])
+        _check_fc1_out(out, plan.num_rows, w13.n // 2)
         _check_int32_offsets(max(x.numel(), out.numel()))
         if plan.num_tokens:
             codes, scales = self.pointer_tables(w13)

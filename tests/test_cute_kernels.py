@@ -166,6 +166,21 @@ def test_routing_tables_are_built_once_per_plan():
     assert not torch.equal(kernels.plan_tables(other)[1], rows)
 
 
+def test_fc1_output_must_be_dense_aligned_bf16():
+    pytest.importorskip("triton")
+    from dwdp_bench.kernels.fused import _check_fc1_out
+
+    _check_fc1_out(torch.empty(8, 64, dtype=torch.bfloat16), 8, 64)
+    for bad in (
+        torch.empty(8, 64, dtype=torch.float32),  # dtype
+        torch.empty(8, 128, dtype=torch.bfloat16)[:, :64],  # row stride
+        torch.empty(7, 64, dtype=torch.bfloat16),  # shape
+        torch.empty(8 * 64 + 1, dtype=torch.bfloat16)[1:].view(8, 64),  # 2 bytes past alignment
+    ):
+        with pytest.raises(ValueError, match="contiguous, 16-byte aligned bf16 tensor \\[8, 64\\]"):
+            _check_fc1_out(bad, 8, 64)
+
+
 def test_batches_beyond_32_bit_offsets_are_refused():
     pytest.importorskip("triton")
     from dwdp_bench.kernels.fused import _check_int32_offsets
