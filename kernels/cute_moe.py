@@ -67,6 +67,7 @@ THREADS = PRODUCER_THREADS + CONSUMER_THREADS
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 128 x 40 + 256 x 232 fits the 64K registers of an SM
 BLOCK = 16  # NVFP4 block: one e4m3 scale per 16 k
 LOG2E = 1.4426950408889634
+FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a time: 8192 / tile_w token rows
 
 
 def check_shape(fc1: bool, n: int, k: int, a=None, tile_w: int = TILE_W) -> None:
@@ -157,7 +158,11 @@ class MoEGemmSm90:
             cols = tile_w // 4
             sEpi = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((2, tile_m, cols), stride=(tile_m * (cols + 8), cols + 8, 1)), 16)
         else:
-            sEpi = smem.allocate_tensor(cutlass.Float32, cute.make_layout((2, 64, 64), stride=(64 * 68, 68, 1)), 16)
+            chunk = FC2_CHUNK_FLOATS // tile_w
+            sEpi = (
+                smem.allocate_tensor(cutlass.Float32, cute.make_layout((2, chunk, tile_w), stride=(chunk * (tile_w + 4), tile_w + 4, 1)), 16),
+                smem.allocate_tensor(cutlass.Float32, cute.make_layout((tile_m,)), 16),
+            )
         # full[s]: the producer's cp.async copies into stage s landed; empty[s]: the consumers' wgmmas on
         # stage s are done
         ring = pipeline.PipelineCpAsync.create(
@@ -210,8 +215,8 @@ class MoEGemmSm90:
             scale_words = cute.make_rmem_tensor((2 * self.reps,), cutlass.Int32)
             # what the epilogue reads from global memory, loaded before the main loop hides its latency:
             # FC1 the expert's 1 / global scale; FC2 the token and coefficient of each row the thread adds
-            epi_scale = cute.make_rmem_tensor((tile_m // 64,), cutlass.Float32)
-            epi_token = cute.make_rmem_tensor((tile_m // 64,), cutlass.Int32)
+            epi_scale = cute.make_rmem_tensor((1,), cutlass.Float32)
+            epi_token = cute.make_rmem_tensor((1,), cutlass.Int32)
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
             for w in cutlass.range(bid, work_count, grid, unroll=1):
@@ -243,6 +248,8 @@ class MoEGemmSm90:
                     ring.consumer_release(release)
                     release.advance()
                     self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk)
+            if cutlass.const_expr(not self.fc1):
+                cute.arch.cp_async_bulk_wait_group(0)  # FC2's last bulk additions have read their smem rows
 
     def work_item(self, mTiles, w):
         """Work item w: weight block n_blk of token tile w // n_blocks (consecutive items share a token
@@ -334,18 +341,17 @@ class MoEGemmSm90:
 
     @cute.jit
     def epilogue_inputs(self, mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token):
-        """FC1: epi_scale[0] = 1 / the expert's global scale. FC2: per 64-token chunk c of the tile, the
-        token and coefficient of the row this thread adds (see epilogue); 0 past the expert's rows."""
+        """FC1: epi_scale[0] = 1 / the expert's global scale. FC2: the token and coefficient of tile row
+        ctid, the row this thread adds (see epilogue); 0 past the expert's rows."""
         if cutlass.const_expr(self.fc1):
             epi_scale[0] = mScale[expert]
         else:
-            for c in cutlass.range_constexpr(self.tile_m // 64):
-                row = row_start + 64 * c + (ctid % 128) // 2
-                epi_token[c] = 0
-                epi_scale[c] = 0.0
-                if row < row_end:
-                    epi_token[c] = mRowToken[row]
-                    epi_scale[c] = mScale[row]
+            row = row_start + ctid
+            epi_token[0] = 0
+            epi_scale[0] = 0.0
+            if ctid < self.tile_m and row < row_end:
+                epi_token[0] = mRowToken[row]
+                epi_scale[0] = mScale[row]
 
     @cute.jit
     def epilogue(self, acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk):
@@ -378,26 +384,50 @@ class MoEGemmSm90:
                     cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (n_blk * (2 * chunks) + g * chunks + i % chunks,)))
             cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
         else:
-            # finalize: out[token] += coef * z with 16-byte fp32 vector atomics (4x fewer than scalar ones)
-            mt = i // 2
-            half = i % 2
-            for j in cutlass.range_constexpr(self.reps):
-                for c in cutlass.range_constexpr(tile_m // 64):
-                    for n8 in cutlass.range_constexpr(8):
+            # finalize: z * coef[token] into smem rows of tile_w output columns, a chunk of tokens at a
+            # time through two buffers; then each token's row is added into out[token] by one bulk
+            # asynchronous fp32 reduction, issued by the thread of that tile row (no per-thread atomics)
+            rows, coefs = sEpi
+            chunk = FC2_CHUNK_FLOATS // self.tile_w
+            own = ctid // chunk  # the chunk holding tile row ctid, the row this thread adds
+            if ctid < tile_m:
+                coefs[ctid] = epi_scale[0]
+            for c in cutlass.range_constexpr(tile_m // chunk):
+                # the buffer of chunk c was last read by the additions of chunk c - 2 (of the previous
+                # tile for c < 2: those were issued a main loop ago, all waited for at c == 0)
+                if cutlass.const_expr(c == 0):
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
+                elif cutlass.const_expr(c >= 2):
+                    if own == c - 2:
+                        cute.arch.cp_async_bulk_wait_group(0, read=True)
+                cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
+                for n8 in cutlass.range_constexpr(chunk // 8):
+                    # this thread's two tokens of the 8-token group (m, m + 1; m even): one 8-byte load
+                    _, m = coords[4 * (chunk // 8 * c + n8)]
+                    pair = cute.make_rmem_tensor((2,), cutlass.Float32)
+                    cute.autovec_copy(cute.local_tile(coefs, (2,), (m // 2,)), pair)
+                    for j in cutlass.range_constexpr(self.reps):
                         for e in cutlass.range_constexpr(4):
-                            idx = (tile_m // 2) * j + 4 * (8 * c + n8) + e
+                            idx = (tile_m // 2) * j + 4 * (chunk // 8 * c + n8) + e
                             t, m = coords[idx]
-                            sEpi[g, m - 64 * c, t % 64] = acc[idx]
-                    cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
-                    if row_start + 64 * c + mt < row_end:
-                        coef = epi_scale[c]
-                        base = epi_token[c] * self.n + n_blk * self.tile_w + 128 * j + 64 * g + 32 * half
-                        for v in cutlass.range_constexpr(8):
-                            part = cute.make_rmem_tensor((4,), cutlass.Float32)
-                            cute.autovec_copy(cute.local_tile(sEpi[g, mt, None], (4,), (8 * half + v,)), part)
-                            ptr = cute.make_ptr(cutlass.Float32, mOut.iterator.toint() + (base + 4 * v) * 4, cute.AddressSpace.gmem, assumed_align=16)
-                            cute.arch.atomic_add(ptr, (part.load() * coef).ir_value())
-                    cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+                            rows[c % 2, m - chunk * c, t] = acc[idx] * pair[e % 2]
+                cute.arch.fence_proxy("async.shared", space="cta")  # the bulk copy reads through the async proxy
+                cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
+                if own == c and row_start + ctid < row_end:
+                    dst = mOut.iterator.toint() + cutlass.Int64(epi_token[0] * self.n + n_blk * self.tile_w) * 4
+                    bulk_add_f32(dst, rows[c % 2, ctid - chunk * c, None].iterator.toint(), self.tile_w * 4)
+                    cute.arch.cp_async_bulk_commit_group()
+
+
+@dsl_user_op
+def bulk_add_f32(dst: cutlass.Int64, src: cutlass.Int32, nbytes: int, *, loc=None, ip=None) -> None:
+    """out[dst .. dst + nbytes) += smem[src .. src + nbytes) as fp32, by the bulk copy engine (asynchronous:
+    commit and wait with cp.async.bulk groups; both addresses 16-byte aligned, nbytes a multiple of 16)."""
+    llvm.inline_asm(
+        None, [cutlass.Int64(dst).ir_value(loc=loc, ip=ip), cutlass.Int32(src).ir_value(loc=loc, ip=ip)],
+        f"cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], {nbytes};", "l,r,~{memory}",
+        has_side_effects=True, loc=loc, ip=ip,
+    )
 
 
 @dsl_user_op
