@@ -137,7 +137,7 @@ class FusedCuteKernels(GroupedTritonKernels):
 class FusedFC1Kernels(FusedCuteKernels):
     """The fused FC1 with grouped's FC2 (Triton decode + torch._grouped_mm + a finalize that sums a token's k
     rows in a fixed order): bit-reproducible, so DWDP stays bit-identical to replicated, where the fused
-    FC2's atomics add in a timing-dependent order; and grouped's FC2 is the faster one at 32K tokens."""
+    FC2's bulk reductions add in a timing-dependent order; and grouped's FC2 is the faster one at 32K tokens."""
 
     name = "cute-fc1"
     fc2 = TorchReferenceKernels.fc2
