@@ -8,12 +8,20 @@ default) 128 weight rows x 256 routed rows of one expert; K advances 64 at a tim
 stages:
 
     producer warpgroup   cp.async of the token rows (FC1 gathers them by row -> token) into a swizzled
-                         stage, and of the expert's packed codes and block scales into a raw stage, from
-                         addresses worked out once per work tile; cp.async.mbarrier.arrive marks the stage
-                         full when the copies land
-    2 consumer warpgroups  per 16-wide k block: pick the fragment's bytes (prmt), decode them with quack's
-                         lookup, scale (bf16x2 multiply), then wgmma m64n256k16 RS, so that a block's
-                         wgmmas run while the next block decodes
+                         stage, and of the expert's packed codes and block scales (contiguous chunks in
+                         the fragment order) into a raw stage, from addresses worked out once per work
+                         tile; cp.async.mbarrier.arrive marks the stage full when the copies land
+    2 consumer warpgroups  per 16-wide k block: decode the fragment's word with quack's lookup, scale
+                         (bf16x2 multiply), then wgmma m64n256k16 RS, so that a block's wgmmas run while
+                         the next block decodes
+
+The weights are read in the fragment order (`to_fragment_order`, applied once when the model is built:
+the kernel sets' `prepare_experts`): per 128 weight rows of a work tile and K step, a 4 KB chunk of
+codes in which consumer thread c's 16 bytes at 16 c are its four k blocks' fragment words, and a
+512-byte chunk of block scales with the 8 bytes of each thread row pair. Each thread loads a K step's
+codes and scales with one 16-byte and one 8-byte shared load per 128 rows, and decodes without picking
+bytes out of four rows' words (3 prmt per word and 4 loads per step in the row layout). FC1's rows are
+stored in its work tile's order (gate and up interleaved, see weight_row).
 
 The decode is the bottleneck on Hopper (its integer pipe, not the tensor cores, is the busy one), which is
 why the default tile is 256 tokens wide: a weight fragment decoded once feeds 256 token columns. A tile
@@ -57,7 +65,9 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass import pipeline
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
-from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts, mul_bf16x2_bcast, prmt
+from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts, mul_bf16x2_bcast
+
+from .nvfp4 import ROWS, NVFP4Weights, check_layout
 
 TILE_W = 128  # weight rows per work tile: 2 consumer warpgroups x 64 (FC1: gate and up rows)
 TILE_M = 256  # routed-token rows per work tile (the wgmma N)
@@ -68,6 +78,8 @@ CONSUMER_THREADS = 256  # warpgroups 1 and 2: decode, wgmma, epilogue
 THREADS = PRODUCER_THREADS + CONSUMER_THREADS
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 128 x 40 + 256 x 232 fits the 64K registers of an SM
 BLOCK = 16  # NVFP4 block: one e4m3 scale per 16 k
+CODE_CHUNK = 128 * TILE_K // 2  # bytes of packed codes of 128 weight rows per K step (fragment order)
+SCALE_CHUNK = 128 * TILE_K // BLOCK  # bytes of their block scales
 LOG2E = 1.4426950408889634
 FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a time: 8192 / tile_w token rows
 
@@ -147,11 +159,13 @@ class MoEGemmSm90:
         smem = SmemAllocator()
         barriers = smem.allocate_array(cutlass.Int64, 2 * stages)
         sX = smem.allocate_tensor(cutlass.BFloat16, b_layout.outer, 1024, b_layout.inner)
+        # a stage of weights is the global fragment order's chunk of each 128-row block (to_fragment_order):
+        # consumer thread c's 16 code bytes at 16 c, its row pair's 8 scale bytes at 8 (c // 4)
         sW = smem.allocate_tensor(
-            cutlass.Uint8, cute.make_layout((tile_w, TILE_K // 2, stages), stride=(TILE_K // 2, 1, tile_w * TILE_K // 2)), 16
+            cutlass.Uint8, cute.make_layout((16, CONSUMER_THREADS, self.reps, stages), stride=(1, 16, CODE_CHUNK, tile_w * TILE_K // 2)), 16
         )
         sSF = smem.allocate_tensor(
-            cutlass.Uint8, cute.make_layout((tile_w, TILE_K // BLOCK, stages), stride=(TILE_K // BLOCK, 1, tile_w * TILE_K // BLOCK)), 16
+            cutlass.Uint8, cute.make_layout((8, CONSUMER_THREADS // 4, self.reps, stages), stride=(1, 8, SCALE_CHUNK, tile_w * TILE_K // BLOCK)), 16
         )
         # the epilogues go through smem, per consumer warpgroup (rows padded by 16 bytes against bank
         # conflicts): FC1 stages its bf16 output tile so that rows leave in 16-byte stores; FC2 transposes
@@ -189,9 +203,9 @@ class MoEGemmSm90:
                     for i in cutlass.range_constexpr(tile_m // 16):
                         x_off[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
                     for i in cutlass.range_constexpr(tile_w // 64):
-                        w_off[i] = self.weight_row(n_blk, tidx // 2 + 64 * i) * (self.k // 2) + (tidx % 2) * 16
+                        w_off[i] = (n_blk * self.reps + i // 2) * k_tiles * CODE_CHUNK + (i % 2) * (CODE_CHUNK // 2) + tidx * 16
                     for i in cutlass.range_constexpr(tile_w // 128):
-                        sf_off[i] = self.weight_row(n_blk, tidx + 128 * i) * (self.k // BLOCK)
+                        sf_off[i] = (n_blk * self.reps + i) * k_tiles * SCALE_CHUNK + tidx * 4
                     sources = (mA.iterator.toint(), mWPtr[expert], mSFPtr[expert])
                     for k_tile in cutlass.range(k_tiles, unroll=1):
                         ring.producer_acquire(state)
@@ -207,14 +221,11 @@ class MoEGemmSm90:
             frag = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((tile_w, TILE_K)))
             acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_w, tile_m)), cutlass.Float32)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            # this thread's weight tile rows r + 128 j and r + 8 + 128 j, and byte lane q (see decode_block)
-            lane = ctid % 32
-            r = (ctid // 32) * 16 + lane // 4
-            q = lane % 4
             luts = make_decode_luts()
-            # this K step's packed codes and block scales of the thread's rows, loaded once per step
-            codes = cute.make_rmem_tensor((TILE_K // 8, 2 * self.reps), cutlass.Int32)
-            scale_words = cute.make_rmem_tensor((2 * self.reps,), cutlass.Int32)
+            # this K step's code words [k block, j] and block-scale words [k block // 2, j] of the thread's
+            # fragment (see decode_block), loaded once per step
+            codes = cute.make_rmem_tensor((TILE_K // 16, self.reps), cutlass.Int32)
+            scale_words = cute.make_rmem_tensor((TILE_K // 32, self.reps), cutlass.Int32)
             # what the epilogue reads from global memory, loaded before the main loop hides its latency:
             # FC1 the expert's 1 / global scale; FC2 the token and coefficient of each row the thread adds
             epi_scale = cute.make_rmem_tensor((1,), cutlass.Float32)
@@ -229,16 +240,15 @@ class MoEGemmSm90:
                     for k_tile in cutlass.range(k_tiles, unroll=1):
                         ring.consumer_wait(read)
                         cute.arch.fence_proxy("async.shared", space="cta")
-                        for i in cutlass.range_constexpr(2 * self.reps):
-                            row = r + 8 * (i % 2) + 128 * (i // 2)
-                            cute.autovec_copy(cute.recast_tensor(sW[row, None, read.index], cutlass.Int32), codes[None, i])
-                            scale_words[i] = cute.recast_tensor(sSF[row, None, read.index], cutlass.Int32)[0]
+                        for j in cutlass.range_constexpr(self.reps):
+                            cute.autovec_copy(cute.recast_tensor(sW[None, ctid, j, read.index], cutlass.Int32), codes[None, j])
+                            cute.autovec_copy(cute.recast_tensor(sSF[None, ctid // 4, j, read.index], cutlass.Int32), scale_words[None, j])
                         # one 16-wide k block at a time: its wgmmas run while the next block decodes. The
                         # fragment has a register slot per block; slot kb is free again once the previous K
                         # step's block kb is done, which is what waiting for all but the 3 newest groups means
                         for kb in cutlass.range_constexpr(TILE_K // 16):
                             warpgroup.wait_group(3)
-                            self.decode_block(codes, scale_words, q, kb, frag, luts)
+                            self.decode_block(codes, scale_words, kb, frag, luts)
                             warpgroup.fence()
                             cute.gemm(tiled_mma, acc, frag[None, None, kb], tCrX[None, None, kb, read.index], acc)
                             warpgroup.commit_group()
@@ -280,7 +290,7 @@ class MoEGemmSm90:
 
     def weight_row(self, n_blk, t):
         """The expert weight row held by tile row t of weight block n_blk (FC1: gate rows [0, N/2), up
-        rows [N/2, N))."""
+        rows [N/2, N)); to_fragment_order stores the rows in this order."""
         if cutlass.const_expr(self.fc1):
             return (self.n // 2) * ((t // 8) % 2) + n_blk * (self.tile_w // 2) + self.swiglu_column(t)
         return n_blk * self.tile_w + t
@@ -290,16 +300,16 @@ class MoEGemmSm90:
         kind (see load_step). The token buffer is wgmma's 128-byte swizzle: 16-byte chunk c of row m sits
         at chunk c ^ (m % 8); rows p // 8 + 16 i share m % 8, so one offset plus 2048 i serves them all."""
         row = p // 8
-        return row * (TILE_K * 2) + ((p % 8) ^ (row % 8)) * 16, (p // 2) * (TILE_K // 2) + (p % 2) * 16, p * (TILE_K // BLOCK)
+        return row * (TILE_K * 2) + ((p % 8) ^ (row % 8)) * 16, p * 16, p * 4
 
     @cute.jit
     def load_step(self, sources, src_offsets, dst_offsets, buffers, k_tile, stage):
-        """cp.async K step `k_tile` into `stage`. Consecutive threads copy consecutive 16-byte chunks of
-        a row, so that a warp reads whole 128-byte lines (one thread per row would read half sectors of
-        32 rows per instruction, which measured ~2x slower than the MMA): thread p copies chunk p % 8 of
-        token tile rows p // 8 + 16 i, half p % 2 of packed weight rows p // 2 + 64 i, and the 4 block
-        scales of weight rows p + 128 i. Addresses are the per-tile offsets plus this step's k: no
-        layout arithmetic per copy."""
+        """cp.async K step `k_tile` into `stage`. Consecutive threads copy consecutive 16-byte chunks, so
+        that a warp reads whole 128-byte lines (one thread per row would read half sectors of 32 rows per
+        instruction, which measured ~2x slower than the MMA): thread p copies chunk p % 8 of token tile
+        rows p // 8 + 16 i, and 16 code bytes and 4 scale bytes of each contiguous weight chunk (the
+        fragment order puts a K step of 128 weight rows in one 4 KB code chunk and one 512-byte scale
+        chunk). Addresses are the per-tile offsets plus this step's k: no layout arithmetic per copy."""
         copy16 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.Uint8, num_bits_per_copy=128)
         copy4 = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32)
         x_base, w_base, sf_base = sources
@@ -309,8 +319,8 @@ class MoEGemmSm90:
         tile_m, tile_w = self.tile_m, self.tile_w
         kinds = (
             (x_base, x_off, 2 * k_tile * TILE_K, 2, sX.iterator.toint() + stage * (tile_m * TILE_K * 2) + sx_off, 16 * TILE_K * 2, copy16, 16),
-            (w_base, w_off, k_tile * (TILE_K // 2), 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, 64 * TILE_K // 2, copy16, 16),
-            (sf_base, sf_off, k_tile * (TILE_K // BLOCK), 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, 128 * TILE_K // BLOCK, copy4, 4),
+            (w_base, w_off, k_tile * CODE_CHUNK, 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, CODE_CHUNK // 2, copy16, 16),
+            (sf_base, sf_off, k_tile * SCALE_CHUNK, 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, SCALE_CHUNK, copy4, 4),
         )
         for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds:
             for i in cutlass.range_constexpr(cute.size(offs)):
@@ -319,23 +329,17 @@ class MoEGemmSm90:
                 cute.copy(atom, cute.make_tensor(src, cute.make_layout(size)), cute.make_tensor(dst, cute.make_layout(size)))
 
     @cute.jit
-    def decode_block(self, codes, scale_words, q, kb, frag, luts):
-        """Decode this thread's wgmma A fragment of 16-wide k block kb into `frag`. Per block j of 64
+    def decode_block(self, codes, scale_words, kb, frag, luts):
+        """Decode this thread's wgmma A fragment of 16-wide k block kb into `frag`. Per block j of 128
         weight rows the fragment holds (row r, k 2q..2q+1), (row r+8, same k), (row r, k 8+2q..), (row r+8,
-        k 8+2q..) with r counted from 128 j: byte q of the block's two 4-byte words of each row. prmt gathers
-        those four bytes into one word, quack's lookup decodes it into the four bf16x2 registers, and one
-        bf16x2 multiply each applies the block scale of the row (exact: e2m1 x e4m3 fits bf16's mantissa).
-        codes[:, 2j], codes[:, 2j + 1]: the K step's 8 code words of rows r, r + 8 of block j;
-        scale_words[2j], [2j + 1]: their 4 block scales."""
+        k 8+2q..): in the fragment order that is one word, codes[kb, j], which quack's lookup decodes into
+        the four bf16x2 registers; one bf16x2 multiply each applies the block scale of the row (exact:
+        e2m1 x e4m3 fits bf16's mantissa), the scales of rows r and r+8 being the low or high half of
+        scale_words[kb // 2, j]."""
         words = cute.recast_tensor(frag, cutlass.Int32)
-        pick = cutlass.Int32(q | ((q + 4) << 4))  # byte q of the first word, byte q of the second
         for j in cutlass.range_constexpr(self.reps):
-            lo, hi = 2 * j, 2 * j + 1
-            first = prmt(codes[2 * kb, lo], codes[2 * kb, hi], pick)
-            second = prmt(codes[2 * kb + 1, lo], codes[2 * kb + 1, hi], pick)
-            decoded = decode_e2m1x8_to_bf16x8(prmt(first, second, cutlass.Int32(0x5410)), luts)
-            # (scale of row r, scale of row r + 8) of block kb as a bf16x2 pair
-            scales = e4m3x2_to_bf16x2(prmt(scale_words[lo], scale_words[hi], cutlass.Int32(kb | ((kb + 4) << 4))))
+            decoded = decode_e2m1x8_to_bf16x8(codes[kb, j], luts)
+            scales = e4m3x2_to_bf16x2(scale_words[kb // 2, j], kb % 2 == 1)
             words[0, j, kb] = mul_bf16x2_bcast(decoded[0], scales, False)
             words[1, j, kb] = mul_bf16x2_bcast(decoded[1], scales, True)
             words[2, j, kb] = mul_bf16x2_bcast(decoded[2], scales, False)
@@ -433,13 +437,14 @@ def bulk_add_f32(dst: cutlass.Int64, src: cutlass.Int32, nbytes: int, *, loc=Non
 
 
 @dsl_user_op
-def e4m3x2_to_bf16x2(pair: cutlass.Int32, *, loc=None, ip=None) -> cutlass.Int32:
-    """The two e4m3 values in the low 16 bits of `pair` as a bf16x2 word (exact, subnormals included:
-    e4m3 -> f16 -> f32 -> bf16)."""
+def e4m3x2_to_bf16x2(pairs: cutlass.Int32, high: bool, *, loc=None, ip=None) -> cutlass.Int32:
+    """The two e4m3 values in the low (or `high`) 16 bits of `pairs` as a bf16x2 word (exact, subnormals
+    included: e4m3 -> f16 -> f32 -> bf16)."""
     return cutlass.Int32(
         llvm.inline_asm(
-            T.i32(), [cutlass.Int32(pair).ir_value(loc=loc, ip=ip)],
-            "{.reg .b16 p, q, lo, hi; .reg .b32 h2; .reg .f32 f0, f1; mov.b32 {p, q}, $1; cvt.rn.f16x2.e4m3x2 h2, p; "
+            T.i32(), [cutlass.Int32(pairs).ir_value(loc=loc, ip=ip)],
+            "{.reg .b16 p, q, lo, hi; .reg .b32 h2; .reg .f32 f0, f1; mov.b32 {p, q}, $1; "
+            f"cvt.rn.f16x2.e4m3x2 h2, {'q' if high else 'p'}; "
             "mov.b32 {lo, hi}, h2; cvt.f32.f16 f0, lo; cvt.f32.f16 f1, hi; cvt.rn.bf16x2.f32 $0, f1, f0;}",
             "=r,r", has_side_effects=False, loc=loc, ip=ip,
         )
@@ -450,6 +455,32 @@ def _fake(dtype, shape, align: int = 16):
     """A row-major symbolic tensor for compiling (`None` in `shape`: a runtime extent)."""
     shape = tuple(cute.sym_int() if s is None else s for s in shape)
     return cute.runtime.make_fake_compact_tensor(dtype, shape, stride_order=tuple(reversed(range(len(shape)))), assumed_align=align)
+
+
+def fragment_layout(fc1: bool, tile_w: int = TILE_W) -> str:
+    """The name of `to_fragment_order`'s byte order (FC1's row order depends on the work tile's width)."""
+    return f"cute-fc1-w{tile_w}" if fc1 else "cute-fc2"
+
+
+def to_fragment_order(w: NVFP4Weights, fc1: bool, tile_w: int = TILE_W) -> NVFP4Weights:
+    """Experts in the `rows` layout -> the same bytes in the order the kernels' threads read them (see
+    the module docstring); shapes and sizes unchanged, each expert's bytes stay its own."""
+    e, n, k = w.shape
+    check_shape(fc1, n, k, tile_w=tile_w)
+    check_layout(w, ROWS, "the fragment reorder")
+    t = torch.arange(n, device=w.device)
+    rows = MoEGemmSm90(fc1, n, k, tile_w).weight_row(t // tile_w, t % tile_w)
+    steps = k // TILE_K
+    # tile-order row 128 b + 16 w + 8 h + l is row r + 8 h of thread 32 w + 4 l + q (r = 16 w + l, any q);
+    # byte 8 kb + 4 s + q of a row's K step is byte q of its code word 2 kb + s (k 16 kb + 8 s + 2 q ..)
+    codes = w.packed[:, rows].view(e, n // 128, 8, 2, 8, steps, 4, 2, 4)
+    codes = codes.permute(0, 1, 5, 2, 4, 8, 6, 7, 3)  # expert, b, step | thread (w, l, q) | word kb | byte (s, h)
+    # scale byte kb of a row's K step; a row pair's word kb // 2 holds bytes (kb, row r), (kb, row r + 8)
+    scales = w.block_scale[:, rows].view(torch.uint8).view(e, n // 128, 8, 2, 8, steps, 2, 2)
+    scales = scales.permute(0, 1, 5, 2, 4, 6, 7, 3)  # expert, b, step | row pair (w, l) | kb | h
+    return NVFP4Weights(
+        codes.reshape(e, n, k // 2), scales.reshape(e, n, k // BLOCK).view(torch.float8_e4m3fn), w.global_scale, fragment_layout(fc1, tile_w)
+    )
 
 
 @functools.cache

@@ -14,9 +14,10 @@ import functools
 
 import torch
 
-from .cute_moe import TILE_M, TILE_W, check_shape, compile_gemm
+from .cute_moe import TILE_M, TILE_W, check_shape, compile_gemm, fragment_layout, to_fragment_order
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, WeightView
+from .nvfp4 import ROWS, NVFP4Weights, check_layout
 from .reference import TorchReferenceKernels
 
 _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
@@ -66,16 +67,23 @@ def _check_fc1_out(out: torch.Tensor, rows: int, cols: int) -> None:
 
 
 class FusedCuteKernels(GroupedTritonKernels):
-    """FC1 = gather + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused."""
+    """FC1 = gather + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused. They read
+    the weights in the fragment order (kernels/cute_moe.py), which `prepare_experts` makes once."""
 
     name = "cute"
+    fused = (True, True)  # which of FC1, FC2 run the fused kernels
 
     def __init__(self, act_quant: bool = False, tile: tuple[int, int] = (TILE_W, TILE_M)):
         """tile: weight rows x token rows of the kernels' work tile (the default is the measured best)."""
         super().__init__(act_quant)
         self.tile = tile
+        self.layouts = tuple(fragment_layout(fc1, tile[0]) if fused else ROWS for fc1, fused in zip((True, False), self.fused))
         self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plan: tuple[RoutingPlan, torch.Tensor, torch.Tensor] | None = None
+
+    def prepare_experts(self, w13: NVFP4Weights, w2: NVFP4Weights) -> tuple[NVFP4Weights, NVFP4Weights]:
+        """The fused stages' weights in the fragment order (a reordered copy; the others as they come)."""
+        return tuple(to_fragment_order(w, fc1, self.tile[0]) if fused else w for w, fc1, fused in zip((w13, w2), (True, False), self.fused))
 
     def plan_tables(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The tile table and the int32 row -> token map of `plan`, built once for its FC1 and FC2."""
@@ -108,6 +116,7 @@ class FusedCuteKernels(GroupedTritonKernels):
 
     def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
         """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
+        check_layout(w13, self.layouts[0], f"kernels {self.name!r} FC1")
         check_shape(True, w13.n, w13.k, x, self.tile[0])
         _check_fc1_out(out, plan.num_rows, w13.n // 2)
         _check_int32_offsets(max(x.numel(), out.numel()))
@@ -120,6 +129,7 @@ class FusedCuteKernels(GroupedTritonKernels):
         return out
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+        check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
         check_shape(False, w2.n, w2.k, h, self.tile[0])
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
         _check_int32_offsets(max(h.numel(), 4 * out.numel()))  # FC2 addresses its output in bytes
@@ -140,4 +150,5 @@ class FusedFC1Kernels(FusedCuteKernels):
     FC2's bulk reductions add in a timing-dependent order; and grouped's FC2 is the faster one at 32K tokens."""
 
     name = "cute-fc1"
+    fused = (True, False)
     fc2 = TorchReferenceKernels.fc2

@@ -37,6 +37,9 @@ class WeightView:
         shapes = {s.shape[1:] for s in self.segments}
         if len(shapes) != 1:
             raise ValueError(f"all segments of a WeightView must share [N, K]; got {sorted(shapes)}")
+        layouts = {s.layout for s in self.segments}
+        if len(layouts) != 1:
+            raise ValueError(f"all segments of a WeightView must share one layout; got {sorted(layouts)}")
 
     @property
     def num_experts(self) -> int:
@@ -49,6 +52,10 @@ class WeightView:
     @property
     def k(self) -> int:
         return self.segments[0].shape[2]
+
+    @property
+    def layout(self) -> str:
+        return self.segments[0].layout
 
     def global_scales(self) -> torch.Tensor:
         """[E] fp32 global scales in expert order (a few hundred bytes: concatenating them is no merge)."""
@@ -141,6 +148,11 @@ class MoEKernels(Protocol):
     """FC1 and FC2 of the routed experts (see the module docstring for the math)."""
 
     name: str
+    layouts: tuple[str, str]  # the byte order FC1 reads W13 in, and FC2 W2 (NVFP4Weights.layout)
+
+    def prepare_experts(self, w13: NVFP4Weights, w2: NVFP4Weights) -> tuple[NVFP4Weights, NVFP4Weights]:
+        """One layer's experts in `rows` layout -> in `layouts`: applied once when the model is built."""
+        ...
 
     def fc1(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView) -> torch.Tensor:
         """x `[T, H]` -> SwiGLU activations `[R, I]` in the plan's row layout."""

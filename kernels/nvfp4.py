@@ -11,6 +11,11 @@ Layout of a weight stack `[E, N, K]` (E experts, N output rows, K the reduction 
 The product e2m1 x e4m3 needs at most 2 + 4 = 6 significant bits, so `decode` (which leaves the global
 scale out) is exact in bf16: kernels decode to bf16, run bf16 MMA, and divide by the global scale in
 the epilogue. NVLink moves exactly these bytes: 0.5 B per weight plus 1/16 B of scale.
+
+That is the `rows` layout. A kernel set may reorder the bytes of each expert once, when the model is
+built (`prepare_experts`), into the order its threads read them (the Hopper CuTe DSL kernels' fragment
+order); the tensors keep their shapes and sizes, so arenas and NVLink copies move them unchanged, and
+`layout` names the order so that a kernel never reads bytes it cannot interpret.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 BLOCK = 16
+ROWS = "rows"  # the layout above
 
 # e2m1 magnitudes by code (bit 3 is the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6.
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -36,6 +42,7 @@ class NVFP4Weights:
     packed: torch.Tensor
     block_scale: torch.Tensor
     global_scale: torch.Tensor
+    layout: str = ROWS  # the byte order of packed and block_scale within each expert (module docstring)
 
     def __post_init__(self) -> None:
         e, n, half_k = self.packed.shape
@@ -71,10 +78,10 @@ class NVFP4Weights:
 
     def experts(self, start: int, stop: int) -> NVFP4Weights:
         """Experts [start, stop) as views (no copy)."""
-        return NVFP4Weights(self.packed[start:stop], self.block_scale[start:stop], self.global_scale[start:stop])
+        return NVFP4Weights(self.packed[start:stop], self.block_scale[start:stop], self.global_scale[start:stop], self.layout)
 
     def to(self, device: torch.device | str) -> NVFP4Weights:
-        return NVFP4Weights(*(t.to(device) for t in self.tensors()))
+        return NVFP4Weights(*(t.to(device) for t in self.tensors()), self.layout)
 
     @staticmethod
     def empty(num_experts: int, n: int, k: int, device: torch.device | str = "cpu") -> NVFP4Weights:
@@ -87,8 +94,11 @@ class NVFP4Weights:
 
     @staticmethod
     def cat(parts: list[NVFP4Weights]) -> NVFP4Weights:
-        """Expert stacks one after another."""
-        return NVFP4Weights(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
+        """Expert stacks (of one layout) one after another."""
+        layouts = {p.layout for p in parts}
+        if len(layouts) != 1:
+            raise ValueError(f"cannot concatenate expert stacks of different layouts: {sorted(layouts)}")
+        return NVFP4Weights(*(torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))), layouts.pop())
 
     @staticmethod
     def nbytes_per_expert(n: int, k: int) -> int:
@@ -98,6 +108,15 @@ class NVFP4Weights:
 def check_k(k: int) -> None:
     if k % BLOCK:
         raise ValueError(f"NVFP4 needs the reduction dim K to be a multiple of {BLOCK}, got K={k}")
+
+
+def check_layout(w, layout: str, user: str) -> None:
+    """Refuse weights (NVFP4Weights or a WeightView) whose bytes are in another order than `user` reads."""
+    if w.layout != layout:
+        raise ValueError(
+            f"{user} needs expert weights in the {layout!r} layout, got {w.layout!r}: weights are prepared "
+            "for one kernel set (prepare_experts), so build them with the kernels that read them"
+        )
 
 
 def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +165,7 @@ def quantize(w: torch.Tensor) -> NVFP4Weights:
 
 def decode(q: NVFP4Weights, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """e2m1 x e4m3 block scale, without the global scale: exact in bf16. `[E, N, K]`."""
+    check_layout(q, ROWS, "decoding")
     e, n, k = q.shape
     values = E2M1_VALUES.to(device=q.device, dtype=torch.float32)[unpack(q.packed).long()]
     out = values.view(e, n, k // BLOCK, BLOCK) * q.block_scale.float()[..., None]

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from .interface import RoutingPlan, WeightView
-from .nvfp4 import decode, fake_quantize_activations
+from .nvfp4 import ROWS, NVFP4Weights, check_layout, decode, fake_quantize_activations
 
 
 def decode_view(view: WeightView, dtype: torch.dtype, decode_into=None) -> torch.Tensor:
     """All experts of a view decoded (no global scale) into one `[E, N, K]` tensor, in expert order."""
+    check_layout(view.segments[0], ROWS, "decoding a weight view")
     out = torch.empty(view.num_experts, view.n, view.k, dtype=dtype, device=view.segments[0].device)
     start = 0
     for seg in view.segments:
@@ -42,10 +43,15 @@ class TorchReferenceKernels:
     implementation of the same structure overrides just those (kernels/grouped.py)."""
 
     name = "torch"
+    layouts = (ROWS, ROWS)
     decode_into = None  # (weights, out) -> None; None: nvfp4.decode
 
     def __init__(self, act_quant: bool = False):
         self.act_quant = act_quant
+
+    def prepare_experts(self, w13: NVFP4Weights, w2: NVFP4Weights) -> tuple[NVFP4Weights, NVFP4Weights]:
+        """The weights as they come: these kernels read the `rows` layout."""
+        return w13, w2
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize_activations(x) if self.act_quant else x

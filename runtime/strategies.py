@@ -72,6 +72,10 @@ class Strategy:
     def _layer(self, moe_layer: int) -> int:
         return moe_layer + self.cfg.first_k_dense_replace
 
+    def _load_experts(self, moe_layer: int, lo: int, hi: int) -> tuple[NVFP4Weights, NVFP4Weights]:
+        """Experts [lo, hi) of a MoE layer on this rank's device, in the layouts the kernels read."""
+        return self.kernels.prepare_experts(*self.source.experts(self._layer(moe_layer), lo, hi, self.ctx.device))
+
     def _experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, view: ExpertWeights) -> torch.Tensor:
         plan = build_plan(idx, weights, view.num_experts, self.options.align)
         return self.kernels.fc2(self.kernels.fc1(x, plan, view.w13), plan, view.w2)
@@ -82,7 +86,7 @@ class Replicated(Strategy):
         super().__init__(*args)
         self.views = []
         for m in range(self.cfg.num_moe_layers):
-            w13, w2 = self.source.experts(self._layer(m), 0, self.cfg.n_routed_experts, self.ctx.device)
+            w13, w2 = self._load_experts(m, 0, self.cfg.n_routed_experts)
             self.views.append(ExpertWeights(WeightView([w13]), WeightView([w2])))
 
     def routed(self, moe_layer, x, topk_idx, topk_weights):
@@ -175,18 +179,19 @@ class ExpertBlock:
             offset = align_up(offset + n * size)
         self.end = offset
 
-    def weights(self, arena: Arena) -> tuple[NVFP4Weights, NVFP4Weights]:
+    def weights(self, arena: Arena, layouts: tuple[str, str]) -> tuple[NVFP4Weights, NVFP4Weights]:
+        """The block's W13 and W2 in `arena`, holding bytes in `layouts` (the kernels'; see nvfp4.py)."""
         t = {name: arena.view(self.offsets[name], dtype, (self.n, *one)) for name, (dtype, one) in self.shapes.items()}
         return (
-            NVFP4Weights(t["w13.packed"], t["w13.scale"], t["w13.global"]),
-            NVFP4Weights(t["w2.packed"], t["w2.scale"], t["w2.global"]),
+            NVFP4Weights(t["w13.packed"], t["w13.scale"], t["w13.global"], layouts[0]),
+            NVFP4Weights(t["w2.packed"], t["w2.scale"], t["w2.global"], layouts[1]),
         )
 
 
 class DWDP(Strategy):
     def __init__(self, *args):
         super().__init__(*args)
-        source, ctx, cfg, opt = self.source, self.ctx, self.cfg, self.options
+        ctx, cfg, opt = self.ctx, self.cfg, self.options
         n = opt.dwdp_size or ctx.world_size
         if ctx.world_size % n:
             raise ValueError(f"DWDP group size {n} does not divide the world size {ctx.world_size}")
@@ -206,8 +211,8 @@ class DWDP(Strategy):
         lo, hi = part.local_range(self.r)
         self.local = []
         for m, block in enumerate(self.local_blocks):
-            w13, w2 = block.weights(self.local_arena)
-            src13, src2 = source.experts(self._layer(m), lo, hi, ctx.device)
+            w13, w2 = block.weights(self.local_arena, self.kernels.layouts)
+            src13, src2 = self._load_experts(m, lo, hi)
             for dst, src in ((w13, src13), (w2, src2)):
                 for d, s in zip(dst.tensors(), src.tensors()):
                     d.copy_(s)
@@ -235,7 +240,7 @@ class DWDP(Strategy):
 
         self.views = []
         for m in range(layers):
-            buf = [slot.weights(self.buffer_arena) for slot in self.buffer_blocks[m % 2]]
+            buf = [slot.weights(self.buffer_arena, self.kernels.layouts) for slot in self.buffer_blocks[m % 2]]
             below = [b for b, (p, _) in zip(buf, self.pulls) if p < self.r]
             above = [b for b, (p, _) in zip(buf, self.pulls) if p > self.r]
             w13 = [b[0] for b in below] + [self.local[m][0]] + [b[0] for b in above]
@@ -361,7 +366,7 @@ class EP(Strategy):
 
     def __init__(self, *args):
         super().__init__(*args)
-        source, ctx, cfg = self.source, self.ctx, self.cfg
+        ctx, cfg = self.ctx, self.cfg
         n = ctx.world_size
         if cfg.n_routed_experts % n:
             raise ValueError(f"EP needs n_routed_experts ({cfg.n_routed_experts}) divisible by the number of ranks ({n})")
@@ -369,7 +374,7 @@ class EP(Strategy):
         lo = ctx.rank * self.per_rank
         self.views = []
         for m in range(cfg.num_moe_layers):
-            w13, w2 = source.experts(self._layer(m), lo, lo + self.per_rank, ctx.device)
+            w13, w2 = self._load_experts(m, lo, lo + self.per_rank)
             self.views.append(ExpertWeights(WeightView([w13]), WeightView([w2])))
         self.count_stream = torch.cuda.Stream(ctx.device) if ctx.is_cuda else None
         # Pinned host buffers for the counts, allocated once: allocating pinned memory can synchronise

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dwdp_bench.kernels import WeightView, build_plan, get_kernels
-from dwdp_bench.kernels.nvfp4 import quantize
+from dwdp_bench.kernels.nvfp4 import E2M1_VALUES, decode, quantize
 
 needs_cute = pytest.mark.skipif(importlib.util.find_spec("cutlass") is None, reason="CuTe DSL (nvidia-cutlass-dsl) not installed")
 on_hopper = pytest.mark.skipif(
@@ -55,6 +55,13 @@ def test_default_kernels_are_cute_fc1_where_the_shapes_fit():
     assert default_kernels("cuda", tiny.hidden_size, tiny.moe_intermediate_size) == "grouped"
 
 
+def _views(kernels, w13, w2):
+    """The layer's weights as the kernels read them (prepared), in segments as DWDP gives them."""
+    p13, p2 = kernels.prepare_experts(w13, w2)
+    e = w13.num_experts
+    return WeightView([p13.experts(0, 2), p13.experts(2, e)]), WeightView([p2.experts(0, e - 1), p2.experts(e - 1, e)])
+
+
 def _case(e, h, inter, t, k, align, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     # unit-variance outputs, so that one absolute tolerance fits every shape
@@ -65,11 +72,7 @@ def _case(e, h, inter, t, k, align, seed):
     logits[:, 1] = -1e9  # expert 1 gets no rows
     idx = logits.topk(k, dim=-1).indices
     weights = torch.rand(t, k, device="cuda", generator=g)
-    plan = build_plan(idx, weights, e, align)
-    # the view as DWDP gives it: segments that live in different allocations
-    v13 = WeightView([w13.experts(0, 2), w13.experts(2, e)])
-    v2 = WeightView([w2.experts(0, e - 1), w2.experts(e - 1, e)])
-    return x, plan, v13, v2
+    return x, build_plan(idx, weights, e, align), w13, w2
 
 
 @on_hopper
@@ -81,15 +84,16 @@ def _case(e, h, inter, t, k, align, seed):
 def test_cute_kernels_match_reference(shape, seed, tile):
     from dwdp_bench.kernels.fused import FusedCuteKernels
 
-    x, plan, v13, v2 = _case(*shape, seed)
+    x, plan, w13, w2 = _case(*shape, seed)
     ref, fused = get_kernels("torch", "cuda"), (FusedCuteKernels(tile=tile) if tile else get_kernels("cute", "cuda"))
-    h_ref = ref.fc1(x, plan, v13)
-    h = fused.fc1_into(x, plan, v13, torch.full_like(h_ref, float("nan")))  # poisoned: every expert row must be written
+    (r13, r2), (f13, f2) = _views(ref, w13, w2), _views(fused, w13, w2)
+    h_ref = ref.fc1(x, plan, r13)
+    h = fused.fc1_into(x, plan, f13, torch.full_like(h_ref, float("nan")))  # poisoned: every expert row must be written
     written = int(plan.expert_offsets[-1])
     assert torch.isfinite(h[:written]).all()
     used = plan.token_rows.flatten()
     torch.testing.assert_close(h[used], h_ref[used], rtol=2e-2, atol=2e-2)
-    out_ref, out = ref.fc2(h_ref, plan, v2), fused.fc2(h_ref, plan, v2)
+    out_ref, out = ref.fc2(h_ref, plan, r2), fused.fc2(h_ref, plan, f2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=5e-2)
 
@@ -99,22 +103,93 @@ def test_cute_kernels_match_reference(shape, seed, tile):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cute_fc1_is_cutes_fc1_and_groupeds_fc2_bit_for_bit(seed):
-    x, plan, v13, v2 = _case(16, 512, 256, 2048, 6, 1, seed)
+    x, plan, w13, w2 = _case(16, 512, 256, 2048, 6, 1, seed)
     cute, grouped, mixed = (get_kernels(n, "cuda") for n in ("cute", "grouped", "cute-fc1"))
-    h = mixed.fc1(x, plan, v13)
-    assert torch.equal(h, cute.fc1(x, plan, v13))
-    assert torch.equal(mixed.fc2(h, plan, v2), grouped.fc2(h, plan, v2))
-    assert torch.equal(mixed.fc2(h, plan, v2), mixed.fc2(h, plan, v2))  # fixed summation order
+    (c13, _), (g13, g2), (m13, m2) = (_views(kern, w13, w2) for kern in (cute, grouped, mixed))
+    assert mixed.layouts == (cute.layouts[0], grouped.layouts[1])
+    h = mixed.fc1(x, plan, m13)
+    assert torch.equal(h, cute.fc1(x, plan, c13))
+    assert torch.equal(mixed.fc2(h, plan, m2), grouped.fc2(h, plan, g2))
+    assert torch.equal(mixed.fc2(h, plan, m2), mixed.fc2(h, plan, m2))  # fixed summation order
 
 
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
 def test_cute_kernels_with_no_tokens():
-    x, plan, v13, v2 = _case(8, 256, 128, 0, 2, 1, 0)
+    x, plan, w13, w2 = _case(8, 256, 128, 0, 2, 1, 0)
     fused = get_kernels("cute", "cuda")
+    v13, v2 = _views(fused, w13, w2)
     assert fused.fc1(x, plan, v13).shape == (0, 128)
     assert fused.fc2(torch.zeros(0, 128, dtype=torch.bfloat16, device="cuda"), plan, v2).shape == (0, 256)
+
+
+def _read_like_the_kernel(f, rows_of_tile, n, k):
+    """What the kernels' consumer threads decode from fragment-order weights `f`, as [E, N, K] values in
+    the rows layout, NaN where nothing was read: per 128-row block b and K step s, thread c (warp w, lane
+    4 l + q) reads the word at 16 c + 4 kb of the 4 KB code chunk and holds rows r = 16 w + l and r + 8
+    of the block, k 16 kb + 2 q, + 1 (bytes 0, 1) and 16 kb + 8 + 2 q, + 1 (bytes 2, 3); its row pair's
+    scales of k block kb are bytes 4 (kb // 2) + 2 (kb % 2) + (0: row r, 1: row r + 8) of the 8 at 8 (c // 4)
+    of the 512-byte scale chunk. `rows_of_tile[t]`: the expert row stored as tile-order row t."""
+    e, steps = f.num_experts, k // 64
+    codes = f.packed.reshape(e, n // 128, steps, 256, 4, 4)
+    scales = f.block_scale.view(torch.uint8).reshape(e, n // 128, steps, 64, 8).view(torch.float8_e4m3fn).float()
+    values = E2M1_VALUES.to(f.device)
+    out = torch.full((e, n, k), float("nan"), device=f.device)
+    blocks, step_k = torch.arange(n // 128, device=f.device) * 128, torch.arange(steps, device=f.device) * 64
+    for c in range(256):
+        w, l, q = c // 32, (c % 32) // 4, c % 4
+        for kb in range(4):
+            for byte in range(4):
+                half, second = byte % 2, byte // 2
+                code = codes[:, :, :, c, kb, byte].long()  # [E, blocks, steps]
+                scale = scales[:, :, :, c // 4, 4 * (kb // 2) + 2 * (kb % 2) + half]
+                rows = rows_of_tile[blocks + 16 * w + l + 8 * half]
+                kk = step_k + 16 * kb + 8 * second + 2 * q
+                out[:, rows[:, None], kk[None, :]] = values[code & 0xF] * scale
+                out[:, rows[:, None], kk[None, :] + 1] = values[code >> 4] * scale
+    return out
+
+
+@needs_cute
+@pytest.mark.parametrize("fc1,tile_w,n,k", [(True, 128, 512, 192), (True, 256, 512, 128), (False, 128, 384, 256)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fragment_order_puts_every_weight_where_its_thread_reads_it(fc1, tile_w, n, k, seed):
+    from dwdp_bench.kernels.cute_moe import MoEGemmSm90, to_fragment_order
+
+    w = quantize(torch.randn(3, n, k, generator=torch.Generator().manual_seed(seed)))
+    f = to_fragment_order(w, fc1, tile_w)
+    assert f.layout != w.layout and f.packed.shape == w.packed.shape and torch.equal(f.global_scale, w.global_scale)
+    t = torch.arange(n)
+    rows_of_tile = MoEGemmSm90(fc1, n, k, tile_w).weight_row(t // tile_w, t % tile_w)
+    assert torch.equal(rows_of_tile.sort().values, t)  # every expert row stored once
+    if fc1:  # a tile's gate and up rows of one output column sit 8 rows apart, gate first
+        assert torch.equal(rows_of_tile.view(-1, 2, 8)[:, 1] - rows_of_tile.view(-1, 2, 8)[:, 0], torch.full((n // 16, 8), n // 2))
+    else:
+        assert torch.equal(rows_of_tile, t)
+    assert torch.equal(_read_like_the_kernel(f, rows_of_tile, n, k), decode(w, torch.float32))
+
+
+@needs_cute
+def test_weights_in_another_layout_are_refused():
+    from dwdp_bench.kernels.fused import FusedCuteKernels, FusedFC1Kernels
+    from dwdp_bench.kernels.reference import TorchReferenceKernels
+
+    w13, w2 = quantize(torch.randn(4, 256, 128)), quantize(torch.randn(4, 128, 128))
+    plan = build_plan(torch.tensor([[0, 1]]), torch.rand(1, 2), 4)
+    x = torch.randn(1, 128).bfloat16()
+    f13, f2 = FusedCuteKernels().prepare_experts(w13, w2)
+    with pytest.raises(ValueError, match="'cute' FC1 needs expert weights in the 'cute-fc1-w128' layout, got 'rows'"):
+        FusedCuteKernels().fc1(x, plan, WeightView([w13]))
+    with pytest.raises(ValueError, match="FC2 needs expert weights in the 'cute-fc2' layout, got 'rows'"):
+        FusedCuteKernels().fc2(x, plan, WeightView([w2]))
+    with pytest.raises(ValueError, match="'cute-fc1-w256' layout, got 'cute-fc1-w128'"):
+        FusedCuteKernels(tile=(256, 128)).fc1(x, plan, WeightView([f13]))
+    with pytest.raises(ValueError, match="decoding a weight view needs .* 'rows' layout, got 'cute-fc2'"):
+        TorchReferenceKernels().fc2(x, plan, WeightView([f2]))
+    assert FusedFC1Kernels().prepare_experts(w13, w2)[1] is w2  # its FC2 reads the rows layout
+    with pytest.raises(ValueError, match="one layout"):
+        WeightView([f13.experts(0, 2), w13.experts(2, 4)])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
