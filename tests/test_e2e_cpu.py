@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from dwdp_bench.launcher import launch
 from dwdp_bench.runtime.config import get_config
 from dwdp_bench.runtime.weights import expert_nbytes
 from e2e_helpers import TINY, cli, e2e_rows
@@ -16,6 +17,13 @@ GIB = 2**30
 # EP's stated tolerance against replicated on the tiny model in bf16: its expert GEMMs see other row
 # sets (other rounding), and its combine rounds weighted rows to bf16 before summing.
 EP_REL_TOL = 0.02
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_strategy_stores_moves_and_reads_experts_in_the_kernels_layout(ranks):
+    # tests/layout_jobs.py: kernels that keep each expert's rows reversed must give the reference's logits
+    # bit for bit under replicated, DWDP (local arena and prefetched peer bytes) and EP
+    launch("layout_jobs:flipped_weights_give_the_same_logits", {}, ranks, "cpu", timeout_s=300)
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
