@@ -18,7 +18,7 @@ from .nvfp4 import ROWS, NVFP4Weights, check_layout, decode, fake_quantize_activ
 
 def decode_view(view: WeightView, dtype: torch.dtype, decode_into=None) -> torch.Tensor:
     """All experts of a view decoded (no global scale) into one `[E, N, K]` tensor, in expert order."""
-    check_layout(view.segments[0], ROWS, "decoding a weight view")
+    check_layout(view, ROWS, "decoding a weight view")
     out = torch.empty(view.num_experts, view.n, view.k, dtype=dtype, device=view.segments[0].device)
     start = 0
     for seg in view.segments:
