@@ -76,7 +76,7 @@ STAGES = 4
 PRODUCER_THREADS = 128  # warpgroup 0: cp.async loads only
 CONSUMER_THREADS = 256  # warpgroups 1 and 2: decode, wgmma, epilogue
 THREADS = PRODUCER_THREADS + CONSUMER_THREADS
-PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 128 x 40 + 256 x 232 fits the 64K registers of an SM
+PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg moves registers within the launch's 384 x 168 = 64512: 128 x 40 + 256 x 232 (more hangs)
 BLOCK = 16  # NVFP4 block: one e4m3 scale per 16 k
 CODE_CHUNK = 128 * TILE_K // 2  # bytes of packed codes of 128 weight rows per K step (fragment order)
 SCALE_CHUNK = 128 * TILE_K // BLOCK  # bytes of their block scales
