@@ -137,7 +137,7 @@ def e2e(
     requests_per_rank: int = typer.Option(16, help="Requests per rank (assigned round-robin)."),
     repeats: int = typer.Option(3, help="Measured passes per (strategy, spread); the table shows medians."),
     warmup: int = typer.Option(1, help="Unmeasured passes first (compilation, NCCL setup). The first one's logits are compared across strategies."),
-    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device), grouped (CUDA: Triton decode + torch._grouped_mm), cute (Hopper: fused CuTe DSL FC1 and FC2; FC2 adds with asynchronous fp32 reductions, so not bit-reproducible) or cute-fc1 (the fused FC1 with grouped's FC2). Default: cute-fc1 on Hopper where the model's shapes fit its tiles, else grouped on CUDA, torch on CPU."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device), grouped (CUDA: Triton decode + torch._grouped_mm), cute (Hopper: fused CuTe DSL FC1 and FC2; FC2 adds with asynchronous fp32 reductions, so not bit-reproducible), cute-det (both fused; FC2 writes each routed row and a fixed-order finalize adds them: bit-reproducible) or cute-fc1 (the fused FC1 with grouped's FC2). Default: cute-fc1 on Hopper where the model's shapes fit its tiles, else grouped on CUDA, torch on CPU."),
     dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16 or float32."),
     act_quant: str = typer.Option("none", help="none, or nvfp4: quantise-dequantise expert activations (W4A4 numerics)."),
     align: int = typer.Option(1, help="Pad each expert's rows to a multiple of this in the permuted layout."),
@@ -236,7 +236,7 @@ def gsm8k(
     layers: Optional[int] = typer.Option(None, help="Override the number of layers of a synthetic model."),
     reference: Optional[float] = typer.Option(None, help="Published score (points) to test against, e.g. 63.71 for DeepSeek-V3-Lite NVFP4: pass when the score is not significantly lower (one-sided, sigma 50, alpha 0.05)."),
     metric: str = typer.Option("flexible-extract", help="The score --reference is compared with: strict-match or flexible-extract."),
-    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch, grouped, cute or cute-fc1 (see e2e --help); the same default as e2e."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch, grouped, cute, cute-det or cute-fc1 (see e2e --help); the same default as e2e."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 or float32."),
     act_quant: str = typer.Option("none", help="none or nvfp4 (W4A4 numerics)."),
     seed: int = typer.Option(0, help="Seed of synthetic weights."),
@@ -301,7 +301,7 @@ def kernels(
     models: Optional[str] = typer.Option(None, help="Model shapes, comma-separated. Default: deepseek-v3-lite,deepseek-v3 on GPU, tiny on CPU."),
     tokens: Optional[str] = typer.Option(None, help="Tokens per case (routed rows = tokens x top-k), comma-separated; for the transport cases, tokens per rank. Default: 1024,8192,32768,65536 on GPU, 64,256 on CPU."),
     skew: str = typer.Option("0,2", help="Routing skew per case: 0 = uniform expert load; 2 = the first experts get far more tokens."),
-    impls: Optional[str] = typer.Option(None, help="Kernel implementations to time. Default: every one that runs on the device (torch; on GPU also grouped, cute), but not cute-fc1, whose FC1 is cute's and FC2 grouped's."),
+    impls: Optional[str] = typer.Option(None, help="Kernel implementations to time. Default: every one that runs on the device (torch; on GPU also grouped, cute, cute-det), but not cute-fc1, whose FC1 is cute's and FC2 grouped's."),
     transport: Optional[bool] = typer.Option(
         None, "--transport/--no-transport",
         help="Also run the transport cases on N ranks (started and watched like e2e's): for one MoE layer, DWDP's prefetch "
@@ -346,7 +346,7 @@ def kernels(
         asked = _csv_names(p["impls"], list(KERNEL_NAMES), "kernel implementation")
         if missing := [n for n in asked if n not in runnable]:
             _fail(f"kernels {', '.join(missing)} do not run on {dev} here (runs: {', '.join(runnable)}); 'grouped' needs CUDA + Triton, "
-                  "'cute' and 'cute-fc1' a Hopper (sm_90) GPU with CuTe DSL and quack")
+                  "'cute', 'cute-det' and 'cute-fc1' a Hopper (sm_90) GPU with CuTe DSL and quack")
         names = asked
     if "torch" not in names:
         names = ["torch", *names]  # the reference every ratio is taken against

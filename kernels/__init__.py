@@ -3,6 +3,8 @@
     torch    plain torch, any device: the reference (kernels/reference.py)
     grouped  CUDA: Triton NVFP4 decode + torch._grouped_mm + Triton epilogues (kernels/grouped.py)
     cute     Hopper (sm_90): fused CuTe DSL kernels, NVFP4 decoded in the kernel (kernels/cute_moe.py)
+    cute-det Hopper: both fused kernels, FC2's writing each routed row and a fixed-order finalize adding
+             them (deterministic)
     cute-fc1 Hopper: cute's FC1 with grouped's FC2 (deterministic; the e2e default where its shapes fit)
 """
 
@@ -15,7 +17,7 @@ import torch
 from .interface import ExpertWeights, MoEKernels, RoutingPlan, WeightView, build_plan
 from .nvfp4 import NVFP4Weights
 
-KERNEL_NAMES = ("torch", "grouped", "cute", "cute-fc1")
+KERNEL_NAMES = ("torch", "grouped", "cute", "cute-det", "cute-fc1")
 
 
 def available_kernels(device: torch.device | str) -> list[str]:
@@ -26,7 +28,7 @@ def available_kernels(device: torch.device | str) -> list[str]:
         names.append("grouped")
         hopper = torch.cuda.get_device_capability(device)[0] == 9
         if hopper and all(importlib.util.find_spec(m) is not None for m in ("cutlass", "quack")):
-            names += ["cute", "cute-fc1"]
+            names += ["cute", "cute-det", "cute-fc1"]
     return names
 
 
@@ -60,12 +62,12 @@ def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) 
         from .grouped import GroupedTritonKernels
 
         return GroupedTritonKernels(act_quant)
-    if name in ("cute", "cute-fc1"):
+    if name in ("cute", "cute-det", "cute-fc1"):
         if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
             raise ValueError(f"kernels {name!r} run on Hopper (sm_90) GPUs only; use --kernels grouped or torch")
-        from .fused import FusedCuteKernels, FusedFC1Kernels
+        from .fused import FusedCuteKernels, FusedDeterministicKernels, FusedFC1Kernels
 
-        return (FusedCuteKernels if name == "cute" else FusedFC1Kernels)(act_quant)
+        return {"cute": FusedCuteKernels, "cute-det": FusedDeterministicKernels, "cute-fc1": FusedFC1Kernels}[name](act_quant)
     raise ValueError(f"unknown kernels {name!r}; choose one of: {', '.join(KERNEL_NAMES)}")
 
 

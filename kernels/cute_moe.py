@@ -7,10 +7,12 @@ the B operand in shared memory; fp32 accumulate, the global scale in the epilogu
 default) 128 weight rows x 256 routed rows of one expert; K advances 64 at a time through a ring of smem
 stages:
 
-    producer warpgroup   cp.async of the token rows (FC1 gathers them by row -> token) into a swizzled
-                         stage, and of the expert's packed codes and block scales (contiguous chunks in
-                         the fragment order) into a raw stage, from addresses worked out once per work
-                         tile; cp.async.mbarrier.arrive marks the stage full when the copies land
+    producer warpgroup   the token rows into a swizzled stage: FC1 gathers them by row -> token with
+                         cp.async, FC2 (rows contiguous per expert) loads them as one TMA box, which
+                         measured 7-15% faster than the same rows by cp.async; the expert's packed codes
+                         and block scales (contiguous chunks in the fragment order) by cp.async into a
+                         raw stage, from addresses worked out once per work tile; the stage is full when
+                         the cp.async arrivals and the TMA bytes have landed
     2 consumer warpgroups  per 16-wide k block: decode the fragment's word with quack's lookup, scale
                          (bf16x2 multiply), then wgmma m64n256k16 RS, so that a block's wgmmas run while
                          the next block decodes
@@ -23,22 +25,27 @@ codes and scales with one 16-byte and one 8-byte shared load per 128 rows, and d
 bytes out of four rows' words (3 prmt per word and 4 loads per step in the row layout). FC1's rows are
 stored in its work tile's order (gate and up interleaved, see weight_row).
 
-The decode is the bottleneck on Hopper (its integer pipe, not the tensor cores, is the busy one), which is
-why the default tile is 256 tokens wide: a weight fragment decoded once feeds 256 token columns. A tile
-of 256 weight rows x 128 tokens halves the token traffic from L2 but decodes twice as much per FLOP and
-measured slower (results/README.md).
+A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide;
+a tile of 256 weight rows x 128 tokens halves the token traffic from L2 but decodes twice as much per
+FLOP and measured slower. Where the time goes, bounded by throwaway variants (results/README.md): the
+token rows' loads cost FC1 ~19% (the same kernel loading them only in a tile's first K steps), the
+decode 4-7%, FC1's epilogue ~5%, FC2's finalize 18-28%.
 
 Epilogues:
     FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
          r + 8 are the gate and the up of one output column: h = silu(g / s) * (u / s), bf16, staged in
          smem and stored 16 bytes at a time.
-    FC2  z * coef[row] (router weight / global scale) into smem rows of the tile's output columns, 32 KB
+    FC2  (rows_out, `cute-det`) z as bf16 into the routed row's [R, N] output, staged in smem and stored
+         16 bytes at a time; a fixed-order finalize (kernels/grouped.py) then adds each token's rows
+         times router weight / global scale, as the torch reference does: bit-reproducible.
+    FC2  (`cute`) z * coef[row] (router weight / global scale) into smem rows of the tile's output columns, 32 KB
          at a time through two buffers; each token row is then added into out[token] by one
          bulk asynchronous fp32 reduction (cp.reduce.async.bulk .add.f32, the copy engine does the
          adds): no unpermute pass and no per-thread atomics (6-9% faster than 16-byte vector atomics).
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
-         rounding, not bitwise, and a deep random model amplifies that (kernels/fused.py's cute-fc1
-         pairs the fused FC1 with a fixed-order FC2).
+         rounding, not bitwise, and a deep random model amplifies that. With the TMA loads both FC2
+         forms took about as long in the same run (8K / 32K tokens: rows 692 / 2494 us + finalize
+         79 / 283 us; adding 767 / 3012 us + zeroing and the cast).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
@@ -102,11 +109,14 @@ class MoEGemmSm90:
     weight rows x token rows of a work tile (tile_w a multiple of 128: each consumer warpgroup holds
     tile_w / 128 blocks of 64 weight rows); stages: depth of the smem ring."""
 
-    def __init__(self, fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, stages: int = STAGES):
+    def __init__(self, fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, stages: int = STAGES, rows_out: bool = False):
         check_shape(fc1, n, k, tile_w=tile_w)
+        if fc1 and rows_out:
+            raise ValueError("rows_out is FC2's: FC1 always writes its SwiGLU rows")
         if tile_w % 128 or tile_m % 64 or not 64 <= tile_m <= 256:
             raise ValueError(f"tile {tile_w} x {tile_m}: the weight rows must be a multiple of 128, the token rows 64, 128, 192 or 256")
         self.fc1, self.n, self.k, self.tile_w, self.tile_m, self.stages = fc1, n, k, tile_w, tile_m, stages
+        self.rows_out = rows_out  # FC2: write each routed row's bf16 result [R, N] instead of adding into token order
         self.reps = tile_w // 128  # blocks of 64 weight rows per consumer warpgroup
 
     @cute.jit
@@ -116,9 +126,9 @@ class MoEGemmSm90:
         mRowToken: cute.Tensor,  # [R] int32: row -> token (FC1 gathers by it, FC2 scatters by it)
         mWPtr: cute.Tensor,  # [E] int64: base address of expert e's packed codes [N, K/2]
         mSFPtr: cute.Tensor,  # [E] int64: base address of expert e's block scales [N, K/16]
-        mScale: cute.Tensor,  # FC1: [E] fp32 1/global scale; FC2: [R] fp32 router weight / global scale
+        mScale: cute.Tensor,  # FC1: [E] fp32 1/global scale; FC2: [R] fp32 router weight / global scale (unread with rows_out)
         mTiles: cute.Tensor,  # [tiles, 3] int32: expert, first row, end row (exclusive) of the expert
-        mOut: cute.Tensor,  # FC1: [R, N/2] bf16; FC2: [T, N] fp32, accumulated into
+        mOut: cute.Tensor,  # FC1: [R, N/2] bf16; FC2: [T, N] fp32, accumulated into; FC2 rows_out: [R, N] bf16
         num_ctas: cutlass.Int32,  # persistent CTAs (the SM count)
         stream,
     ):
@@ -131,7 +141,11 @@ class MoEGemmSm90:
         )
         b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.tile_w, self.tile_m, TILE_K), cutlass.BFloat16, self.stages)
         work = cute.size(mTiles, mode=[0]) * (self.n // self.tile_w)
-        self.kernel(tiled_mma, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout).launch(
+        # FC2's token rows are contiguous per expert: one TMA box per K step (FC1 gathers them with cp.async)
+        tma_atom, tma_x = None, None
+        if cutlass.const_expr(not self.fc1):
+            tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(b_layout, (None, None, 0)), (self.tile_m, TILE_K))
+        self.kernel(tiled_mma, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tma_atom, tma_x).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
 
@@ -147,6 +161,8 @@ class MoEGemmSm90:
         mTiles: cute.Tensor,
         mOut: cute.Tensor,
         b_layout: cute.ComposedLayout,
+        tma_atom: cute.CopyAtom,
+        tma_x: cute.Tensor,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
@@ -167,12 +183,15 @@ class MoEGemmSm90:
         sSF = smem.allocate_tensor(
             cutlass.Uint8, cute.make_layout((8, CONSUMER_THREADS // 4, self.reps, stages), stride=(1, 8, SCALE_CHUNK, tile_w * TILE_K // BLOCK)), 16
         )
-        # the epilogues go through smem, per consumer warpgroup (rows padded by 16 bytes against bank
-        # conflicts): FC1 stages its bf16 output tile so that rows leave in 16-byte stores; FC2 transposes
-        # its accumulators 64 tokens at a time so that a thread owns 4 consecutive columns of one token
+        # the epilogues go through smem (rows padded by 16 bytes against bank conflicts): FC1 stages its bf16
+        # output tile per consumer warpgroup and FC2 with rows_out the whole tile's, so that rows leave in
+        # 16-byte stores; FC2's finalize transposes its accumulators 64 tokens at a time so that a thread owns
+        # 4 consecutive columns of one token
         if cutlass.const_expr(self.fc1):
             cols = tile_w // 4
             sEpi = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((2, tile_m, cols), stride=(tile_m * (cols + 8), cols + 8, 1)), 16)
+        elif cutlass.const_expr(self.rows_out):
+            sEpi = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((tile_m, tile_w), stride=(tile_w + 8, 1)), 16)
         else:
             chunk = FC2_CHUNK_FLOATS // tile_w
             sEpi = (
@@ -184,12 +203,12 @@ class MoEGemmSm90:
         ring = pipeline.PipelineCpAsync.create(
             barrier_storage=barriers,
             num_stages=stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS),
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + (0 if self.fc1 else 1)),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
         )
 
         if warp < PRODUCER_THREADS // 32:
-            # ---- producer: cp.async only; see load_step for who copies what ----
+            # ---- producer: cp.async (FC2's token rows by TMA); see load_step for who copies what ----
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             offsets = self.load_offsets(tidx)
             x_off = cute.make_rmem_tensor((tile_m // 16,), cutlass.Int32)
@@ -200,8 +219,14 @@ class MoEGemmSm90:
                 n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
                     # where this thread's rows start (see load_step); each K step adds its k offset
-                    for i in cutlass.range_constexpr(tile_m // 16):
-                        x_off[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
+                    if cutlass.const_expr(self.fc1):
+                        for i in cutlass.range_constexpr(tile_m // 16):
+                            x_off[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
+                    else:
+                        # the tile's rows from row_start on (rows past the expert's end are read but never
+                        # stored; past the tensor's end TMA fills zeros): stage s <- box (row_start, 64 k)
+                        gX = cute.local_tile(cute.domain_offset((row_start, 0), tma_x), (tile_m, TILE_K), (0, None))
+                        sX_tma, gX_tma = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
                     for i in cutlass.range_constexpr(tile_w // 64):
                         w_off[i] = (n_blk * self.reps + i // 2) * k_tiles * CODE_CHUNK + (i % 2) * (CODE_CHUNK // 2) + tidx * 16
                     for i in cutlass.range_constexpr(tile_w // 128):
@@ -209,6 +234,15 @@ class MoEGemmSm90:
                     sources = (mA.iterator.toint(), mWPtr[expert], mSFPtr[expert])
                     for k_tile in cutlass.range(k_tiles, unroll=1):
                         ring.producer_acquire(state)
+                        if cutlass.const_expr(not self.fc1):
+                            # the full barrier counts this arrival too (producer group PRODUCER_THREADS + 1) and
+                            # the box's bytes; the DSL issues the copy from one elected lane of the whole warp (an
+                            # `if tidx == 0` around it never issues and hangs the kernel)
+                            if warp == 0:
+                                bar = ring.producer_get_barrier(state)
+                                with cute.arch.elect_one():
+                                    cute.arch.mbarrier_arrive_and_expect_tx(bar, tile_m * TILE_K * 2)
+                                cute.copy(tma_atom, gX_tma[None, k_tile], sX_tma[None, state.index], tma_bar_ptr=bar)
                         self.load_step(sources, (x_off, w_off, sf_off), offsets, (sX, sW, sSF), k_tile, state.index)
                         ring.producer_commit(state)
                         state.advance()
@@ -260,7 +294,7 @@ class MoEGemmSm90:
                     ring.consumer_release(release)
                     release.advance()
                     self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk)
-            if cutlass.const_expr(not self.fc1):
+            if cutlass.const_expr(not self.fc1 and not self.rows_out):
                 cute.arch.cp_async_bulk_wait_group(0)  # FC2's last bulk additions have read their smem rows
 
     def work_item(self, mTiles, w):
@@ -322,7 +356,7 @@ class MoEGemmSm90:
             (w_base, w_off, k_tile * CODE_CHUNK, 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, CODE_CHUNK // 2, copy16, 16),
             (sf_base, sf_off, k_tile * SCALE_CHUNK, 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, SCALE_CHUNK, copy4, 4),
         )
-        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds:
+        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds if self.fc1 else kinds[1:]:  # FC2's token rows: TMA
             for i in cutlass.range_constexpr(cute.size(offs)):
                 src = cute.make_ptr(cutlass.Uint8, base + cutlass.Int64(offs[i]) * elem_bytes + k_bytes, cute.AddressSpace.gmem, assumed_align=size)
                 dst = cute.make_ptr(cutlass.Uint8, dst0 + i * dst_step, cute.AddressSpace.smem, assumed_align=size)
@@ -351,7 +385,7 @@ class MoEGemmSm90:
         ctid, the row this thread adds (see epilogue); 0 past the expert's rows."""
         if cutlass.const_expr(self.fc1):
             epi_scale[0] = mScale[expert]
-        else:
+        elif cutlass.const_expr(not self.rows_out):
             row = row_start + ctid
             epi_token[0] = 0
             epi_scale[0] = 0.0
@@ -389,6 +423,22 @@ class MoEGemmSm90:
                     cute.autovec_copy(cute.local_tile(sEpi[g, m, None], (8,), (i % chunks,)), part)
                     cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (n_blk * (2 * chunks) + g * chunks + i % chunks,)))
             cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+        elif cutlass.const_expr(self.rows_out):
+            # z (no scale: the finalize applies router weight / global scale) as bf16 into the smem tile,
+            # then each row of the tile leaves in 16-byte stores to its routed row
+            for idx in cutlass.range_constexpr(cute.size(acc)):
+                t, m = coords[idx]
+                sEpi[m, t] = acc[idx].to(cutlass.BFloat16)
+            cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
+            chunks = self.tile_w // 8
+            for s in cutlass.range_constexpr(tile_m * chunks // CONSUMER_THREADS):
+                m = ctid // chunks + (CONSUMER_THREADS // chunks) * s
+                row = row_start + m
+                if row < row_end:
+                    part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
+                    cute.autovec_copy(cute.local_tile(sEpi[m, None], (8,), (ctid % chunks,)), part)
+                    cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (n_blk * chunks + ctid % chunks,)))
+            cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
         else:
             # finalize: z * coef[token] into smem rows of tile_w output columns, a chunk of tokens at a
             # time through two buffers; then each token's row is added into out[token] by one bulk
@@ -483,12 +533,12 @@ def to_fragment_order(w: NVFP4Weights, fc1: bool, tile_w: int = TILE_W) -> NVFP4
 
 
 @functools.cache
-def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M):
+def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, rows_out: bool = False):
     """Compile one stage for one expert weight shape [N, K] and work tile (once per process; also runs on a
     CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that both kernels build)."""
-    out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.Float32, (None, n))
+    out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.BFloat16 if rows_out else cutlass.Float32, (None, n))
     return cute.compile(
-        MoEGemmSm90(fc1, n, k, tile_w, tile_m),
+        MoEGemmSm90(fc1, n, k, tile_w, tile_m, rows_out=rows_out),
         _fake(cutlass.BFloat16, (None, k)),
         _fake(cutlass.Int32, (None,), 4),
         _fake(cutlass.Int64, (None,), 8),

@@ -144,6 +144,28 @@ class FusedCuteKernels(GroupedTritonKernels):
         return out.to(h.dtype)
 
 
+class FusedDeterministicKernels(FusedCuteKernels):
+    """Both fused kernels, FC2's writing each routed row's bf16 result (no scale) and the fixed-order finalize
+    of kernels/grouped.py adding a token's rows times router weight / global scale: the torch reference's
+    numerics, bit-reproducible, and about as fast as the in-kernel reduction (kernels/cute_moe.py)."""
+
+    name = "cute-det"
+
+    def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+        check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
+        check_shape(False, w2.n, w2.k, h, self.tile[0])
+        if plan.num_tokens == 0:
+            return h.new_zeros(0, w2.n)
+        z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
+        _check_int32_offsets(max(h.numel(), z.numel()))
+        codes, scales = self.pointer_tables(w2)
+        tiles, row_token = self.plan_tables(plan)
+        compile_gemm(False, w2.n, w2.k, *self.tile, rows_out=True)(
+            self._input(h).contiguous(), row_token, codes, scales, w2.global_scales(), tiles, z, _sm_count(h.device),  # scales unread
+        )
+        return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
+
+
 class FusedFC1Kernels(FusedCuteKernels):
     """The fused FC1 with grouped's FC2 (Triton decode + torch._grouped_mm + a finalize that sums a token's k
     rows in a fixed order): bit-reproducible, so DWDP stays bit-identical to replicated, where the fused

@@ -25,6 +25,7 @@ def test_kernels_compile_for_sm90a(e, h, inter, tile):
 
     assert compile_gemm(True, 2 * inter, h, *tile) is not None
     assert compile_gemm(False, h, inter, *tile) is not None
+    assert compile_gemm(False, h, inter, *tile, rows_out=True) is not None
 
 
 @needs_cute
@@ -81,11 +82,12 @@ def _case(e, h, inter, t, k, align, seed):
 @pytest.mark.parametrize("shape", [(8, 256, 128, 300, 2, 1), (16, 512, 256, 2048, 6, 1), (9, 256, 384, 513, 3, 16), (72, 2560, 1536, 700, 6, 1)])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("tile", [None, (256, 128)])  # the default work tile and the wide-weight one
-def test_cute_kernels_match_reference(shape, seed, tile):
-    from dwdp_bench.kernels.fused import FusedCuteKernels
-
+@pytest.mark.parametrize("name", ["cute", "cute-det"])
+def test_cute_kernels_match_reference(shape, seed, tile, name):
     x, plan, w13, w2 = _case(*shape, seed)
-    ref, fused = get_kernels("torch", "cuda"), (FusedCuteKernels(tile=tile) if tile else get_kernels("cute", "cuda"))
+    ref, fused = get_kernels("torch", "cuda"), get_kernels(name, "cuda")
+    if tile:
+        fused = type(fused)(tile=tile)
     (r13, r2), (f13, f2) = _views(ref, w13, w2), _views(fused, w13, w2)
     h_ref = ref.fc1(x, plan, r13)
     h = fused.fc1_into(x, plan, f13, torch.full_like(h_ref, float("nan")))  # poisoned: every expert row must be written
@@ -116,9 +118,40 @@ def test_cute_fc1_is_cutes_fc1_and_groupeds_fc2_bit_for_bit(seed):
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
-def test_cute_kernels_with_no_tokens():
+@pytest.mark.parametrize("shape", [(8, 256, 128, 300, 2, 1), (9, 256, 384, 513, 3, 16), (72, 2560, 1536, 700, 6, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tile", [(128, 256), (256, 128)])
+def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile):
+    """FC2's rows_out kernel writes every expert row of a NaN-poisoned [R, N] with the GEMM's bf16 result
+    (against the decoded weights' grouped GEMM), and cute-det's FC2 is the same bits run after run."""
+    from dwdp_bench.kernels.cute_moe import compile_gemm
+    from dwdp_bench.kernels.fused import FusedDeterministicKernels, _sm_count
+    from dwdp_bench.kernels.reference import decode_view, grouped_gemm
+
+    _, plan, w13, w2 = _case(*shape, seed)
+    det, ref = FusedDeterministicKernels(tile=tile), get_kernels("torch", "cuda")
+    (_, d2), (_, r2) = _views(det, w13, w2), _views(ref, w13, w2)
+    h = torch.randn(plan.num_rows, w2.shape[2], device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)).bfloat16()
+    z = torch.full((plan.num_rows, w2.shape[1]), float("nan"), dtype=torch.bfloat16, device="cuda")
+    codes, scales = det.pointer_tables(d2)
+    tiles, row_token = det.plan_tables(plan)
+    compile_gemm(False, w2.shape[1], w2.shape[2], *tile, rows_out=True)(h, row_token, codes, scales, w2.global_scale, tiles, z, _sm_count(h.device))
+    written = int(plan.expert_offsets[-1])
+    assert torch.isfinite(z[:written]).all()
+    z_ref = grouped_gemm(h, decode_view(r2, torch.bfloat16), plan)
+    torch.testing.assert_close(z[:written], z_ref[:written], rtol=2e-2, atol=2e-2)
+    out = det.fc2(h, plan, d2)
+    assert torch.equal(out, det.fc2(h, plan, d2))
+    torch.testing.assert_close(out, ref.fc2(h, plan, r2), rtol=2e-2, atol=5e-2)
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cute", "cute-det"])
+def test_cute_kernels_with_no_tokens(name):
     x, plan, w13, w2 = _case(8, 256, 128, 0, 2, 1, 0)
-    fused = get_kernels("cute", "cuda")
+    fused = get_kernels(name, "cuda")
     v13, v2 = _views(fused, w13, w2)
     assert fused.fc1(x, plan, v13).shape == (0, 128)
     assert fused.fc2(torch.zeros(0, 128, dtype=torch.bfloat16, device="cuda"), plan, v2).shape == (0, 256)
@@ -172,7 +205,7 @@ def test_fragment_order_puts_every_weight_where_its_thread_reads_it(fc1, tile_w,
 
 @needs_cute
 def test_weights_in_another_layout_are_refused():
-    from dwdp_bench.kernels.fused import FusedCuteKernels, FusedFC1Kernels
+    from dwdp_bench.kernels.fused import FusedCuteKernels, FusedDeterministicKernels, FusedFC1Kernels
     from dwdp_bench.kernels.reference import TorchReferenceKernels
 
     w13, w2 = quantize(torch.randn(4, 256, 128)), quantize(torch.randn(4, 128, 128))
@@ -183,6 +216,8 @@ def test_weights_in_another_layout_are_refused():
         FusedCuteKernels().fc1(x, plan, WeightView([w13]))
     with pytest.raises(ValueError, match="FC2 needs expert weights in the 'cute-fc2' layout, got 'rows'"):
         FusedCuteKernels().fc2(x, plan, WeightView([w2]))
+    with pytest.raises(ValueError, match="'cute-det' FC2 needs expert weights in the 'cute-fc2' layout, got 'rows'"):
+        FusedDeterministicKernels().fc2(x, plan, WeightView([w2]))
     with pytest.raises(ValueError, match="'cute-fc1-w256' layout, got 'cute-fc1-w128'"):
         FusedCuteKernels(tile=(256, 128)).fc1(x, plan, WeightView([f13]))
     with pytest.raises(ValueError, match="decoding a weight view needs .* 'rows' layout, got 'cute-fc2'"):
