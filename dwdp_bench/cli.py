@@ -137,7 +137,7 @@ def e2e(
     requests_per_rank: int = typer.Option(16, help="Requests per rank (assigned round-robin)."),
     repeats: int = typer.Option(3, help="Measured passes per (strategy, spread); the table shows medians."),
     warmup: int = typer.Option(1, help="Unmeasured passes first (compilation, NCCL setup). The first one's logits are compared across strategies."),
-    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device), grouped (CUDA: Triton decode + torch._grouped_mm), cute (Hopper: fused CuTe DSL FC1 and FC2; FC2 adds with asynchronous fp32 reductions, so not bit-reproducible), cute-det (both fused; FC2 writes each routed row and a fixed-order finalize adds them: bit-reproducible) or cute-fc1 (the fused FC1 with grouped's FC2). Default: cute-fc1 on Hopper where the model's shapes fit its tiles, else grouped on CUDA, torch on CPU."),
+    kernels: Optional[str] = typer.Option(None, help="MoE kernels: torch (any device), grouped (CUDA: Triton decode + torch._grouped_mm), cute (Hopper: fused CuTe DSL FC1 and FC2; FC2 adds with asynchronous fp32 reductions, so not bit-reproducible), cute-det (both fused; FC2 writes each routed row and a fixed-order finalize adds them: bit-reproducible) or cute-fc1 (the fused FC1 with grouped's FC2). Default: cute-det on Hopper where the model's shapes fit its tiles, else grouped on CUDA, torch on CPU."),
     dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16 or float32."),
     act_quant: str = typer.Option("none", help="none, or nvfp4: quantise-dequantise expert activations (W4A4 numerics)."),
     align: int = typer.Option(1, help="Pad each expert's rows to a multiple of this in the permuted layout."),

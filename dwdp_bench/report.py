@@ -77,7 +77,7 @@ def plot_timeline(timeline: dict, path: Path) -> str | None:
 KERNEL_STYLES = {
     "dense-bf16": dict(color="black", linestyle="--"), "bf16-grouped-gemm": dict(color="#7f7f7f", linestyle=":"),
     "quack-w4a16": dict(color="#9467bd", linestyle="-."), "torch": dict(color="#d62728"), "grouped": dict(color="#ff7f0e"),
-    "cute": dict(color="#1f77b4"),
+    "cute": dict(color="#1f77b4"), "cute-det": dict(color="#2ca02c"), "cute-fc1": dict(color="#17becf"),
 }
 
 

@@ -4,8 +4,9 @@
     grouped  CUDA: Triton NVFP4 decode + torch._grouped_mm + Triton epilogues (kernels/grouped.py)
     cute     Hopper (sm_90): fused CuTe DSL kernels, NVFP4 decoded in the kernel (kernels/cute_moe.py)
     cute-det Hopper: both fused kernels, FC2's writing each routed row and a fixed-order finalize adding
-             them (deterministic)
-    cute-fc1 Hopper: cute's FC1 with grouped's FC2 (deterministic; the e2e default where its shapes fit)
+             them (deterministic; the e2e default where its shapes fit)
+    cute-fc1 Hopper: cute's FC1 with grouped's FC2 (deterministic; the default before cute-det, kept to
+             reproduce results measured with it)
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ def available_kernels(device: torch.device | str) -> list[str]:
 
 def default_kernels(device: torch.device | str, hidden: int, intermediate: int) -> str:
     """The fastest deterministic implementation that runs on `device` for experts of this hidden and
-    intermediate size: cute-fc1 where the fused kernels' tiles fit (the fused FC1 beats grouped's at 8K
-    to 32K tokens, grouped's FC2 beats the fused one at 32K and sums in a fixed order, which keeps DWDP
-    bit-identical to replicated: results/h200x2/), else grouped, else the torch reference."""
+    intermediate size: cute-det where the fused kernels' tiles fit (its FC1 and FC2 beat grouped's at 8K
+    to 32K tokens, and its finalize sums in a fixed order, which keeps DWDP bit-identical to replicated:
+    results/h200x2/), else grouped, else the torch reference."""
     names = available_kernels(device)
-    if "cute-fc1" in names:
+    if "cute-det" in names:
         from .cute_moe import check_shape
 
         try:
             check_shape(True, 2 * intermediate, hidden)
-            return "cute-fc1"
+            return "cute-det"
         except ValueError:
             pass
     return "grouped" if "grouped" in names else "torch"

@@ -3,7 +3,7 @@
 Same math and the same decode-then-grouped-GEMM structure as `reference.TorchReferenceKernels`, with
 the memory-bound steps written as single-pass Triton kernels instead of chains of torch ops (the torch
 decode alone moves ~30x the weight bytes through int64 indices). The default on CUDA where the fused
-kernels do not run or fit, its FC2 is the default's on Hopper (cute-fc1), and it is the baseline of the
+kernels do not run or fit, its finalize ends the default's FC2 on Hopper (cute-det), and it is the baseline of the
 fused kernels (kernels/cute_moe.py); it is not fused: FC1 writes `[R, 2I]` and reads it
 back, FC2 writes `[R, H]` and gathers it.
 """

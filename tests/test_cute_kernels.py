@@ -47,11 +47,11 @@ def test_default_kernels_on_cpu_are_the_reference():
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
-def test_default_kernels_are_cute_fc1_where_the_shapes_fit():
+def test_default_kernels_are_cute_det_where_the_shapes_fit():
     from dwdp_bench.kernels import default_kernels
     from dwdp_bench.runtime.config import get_config
 
-    assert default_kernels("cuda", 2560, 1536) == "cute-fc1"  # DeepSeek-V3-Lite
+    assert default_kernels("cuda", 2560, 1536) == "cute-det"  # DeepSeek-V3-Lite
     tiny = get_config("tiny")
     assert default_kernels("cuda", tiny.hidden_size, tiny.moe_intermediate_size) == "grouped"
 

@@ -116,7 +116,7 @@ def test_committed_h200_results_pass_their_reference_and_make_plots(tmp_path):
     kernels = [h200 / "kernels_h200x2.csv", h200 / "kernels_h200x2.transport.csv"]
     done = gate(*kernels, reference=ROOT / "results" / "reference" / "h200-kernels.toml")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "all 10 checks passed" in done.stdout
+    assert "all 13 checks passed" in done.stdout
     done = cli("report", *map(str, kernels), "--out", str(out / "kernels"), timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| dwdp-prefetch | 238.9 |" in (out / "kernels" / "summary.md").read_text()
