@@ -121,12 +121,16 @@ class FusedCuteKernels(GroupedTritonKernels):
         _check_fc1_out(out, plan.num_rows, w13.n // 2)
         _check_int32_offsets(max(x.numel(), out.numel()))
         if plan.num_tokens:
-            codes, scales = self.pointer_tables(w13)
-            tiles, row_token = self.plan_tables(plan)
-            compile_gemm(True, w13.n, w13.k, *self.tile)(
-                self._input(x).contiguous(), row_token, codes, scales, 1.0 / w13.global_scales(), tiles, out, _sm_count(x.device),
-            )
+            self._launch(True, x, plan, w13, 1.0 / w13.global_scales(), out)
         return out
+
+    def _launch(self, fc1: bool, a: torch.Tensor, plan: RoutingPlan, view: WeightView, scale: torch.Tensor, out: torch.Tensor, rows_out: bool = False) -> None:
+        """One fused kernel over the routed rows of `plan` (arguments as kernels/cute_moe.py's MoEGemmSm90 takes them)."""
+        codes, scales = self.pointer_tables(view)
+        tiles, row_token = self.plan_tables(plan)
+        compile_gemm(fc1, view.n, view.k, *self.tile, rows_out=rows_out)(
+            self._input(a).contiguous(), row_token, codes, scales, scale, tiles, out, _sm_count(a.device),
+        )
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
         check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
@@ -134,13 +138,9 @@ class FusedCuteKernels(GroupedTritonKernels):
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
         _check_int32_offsets(max(h.numel(), 4 * out.numel()))  # FC2 addresses its output in bytes
         if plan.num_tokens:
-            codes, scales = self.pointer_tables(w2)
-            tiles, row_token = self.plan_tables(plan)
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
-            compile_gemm(False, w2.n, w2.k, *self.tile)(
-                self._input(h).contiguous(), row_token, codes, scales, coef, tiles, out, _sm_count(h.device),
-            )
+            self._launch(False, h, plan, w2, coef, out)
         return out.to(h.dtype)
 
 
@@ -158,11 +158,7 @@ class FusedDeterministicKernels(FusedCuteKernels):
             return h.new_zeros(0, w2.n)
         z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
         _check_int32_offsets(max(h.numel(), z.numel()))
-        codes, scales = self.pointer_tables(w2)
-        tiles, row_token = self.plan_tables(plan)
-        compile_gemm(False, w2.n, w2.k, *self.tile, rows_out=True)(
-            self._input(h).contiguous(), row_token, codes, scales, w2.global_scales(), tiles, z, _sm_count(h.device),  # scales unread
-        )
+        self._launch(False, h, plan, w2, w2.global_scales(), z, rows_out=True)  # the scale is unread
         return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
 
 
