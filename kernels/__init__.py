@@ -35,18 +35,22 @@ def available_kernels(device: torch.device | str) -> list[str]:
 
 def default_kernels(device: torch.device | str, hidden: int, intermediate: int) -> str:
     """The fastest deterministic implementation that runs on `device` for experts of this hidden and
-    intermediate size: cute-det where the fused kernels' tiles fit (its FC1 and FC2 beat grouped's at 8K
+    intermediate size: cute-det where both fused kernels' tiles fit (its FC1 and FC2 beat grouped's at 8K
     to 32K tokens, and its finalize sums in a fixed order, which keeps DWDP bit-identical to replicated:
-    results/h200x2/), else grouped, else the torch reference."""
+    results/h200x2/), cute-fc1 where only FC1's do, else grouped, else the torch reference."""
     names = available_kernels(device)
     if "cute-det" in names:
         from .cute_moe import check_shape
 
-        try:
-            check_shape(True, 2 * intermediate, hidden)
-            return "cute-det"
-        except ValueError:
-            pass
+        def fits(fc1: bool) -> bool:
+            try:
+                check_shape(fc1, 2 * intermediate if fc1 else hidden, hidden if fc1 else intermediate)
+                return True
+            except ValueError:
+                return False
+
+        if fits(True):
+            return "cute-det" if fits(False) else "cute-fc1"
     return "grouped" if "grouped" in names else "torch"
 
 

@@ -43,9 +43,9 @@ Epilogues:
          bulk asynchronous fp32 reduction (cp.reduce.async.bulk .add.f32, the copy engine does the
          adds): no unpermute pass and no per-thread atomics (6-9% faster than 16-byte vector atomics).
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
-         rounding, not bitwise, and a deep random model amplifies that. With the TMA loads both FC2
-         forms took about as long in the same run (8K / 32K tokens: rows 692 / 2494 us + finalize
-         79 / 283 us; adding 767 / 3012 us + zeroing and the cast).
+         rounding, not bitwise, and a deep random model amplifies that; and the fp32 rows it adds miss
+         L2, so with the TMA loads it is also the slower form: `cute-det`'s rows + finalize measured
+         1.11-1.18x its FC2 (results/README.md).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
@@ -80,7 +80,7 @@ TILE_W = 128  # weight rows per work tile: 2 consumer warpgroups x 64 (FC1: gate
 TILE_M = 256  # routed-token rows per work tile (the wgmma N)
 TILE_K = 64
 STAGES = 4
-PRODUCER_THREADS = 128  # warpgroup 0: cp.async loads only
+PRODUCER_THREADS = 128  # warpgroup 0: loads only (cp.async; FC2's token rows by TMA)
 CONSUMER_THREADS = 256  # warpgroups 1 and 2: decode, wgmma, epilogue
 THREADS = PRODUCER_THREADS + CONSUMER_THREADS
 PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg moves registers within the launch's 384 x 168 = 64512: 128 x 40 + 256 x 232; a larger sum leaves setmaxnreg.inc waiting forever
@@ -103,18 +103,19 @@ def check_shape(fc1: bool, n: int, k: int, a=None, tile_w: int = TILE_W) -> None
 
 
 class MoEGemmSm90:
-    """One grouped NVFP4 GEMM with a fused epilogue; `fc1` picks gather + SwiGLU or finalize.
+    """One grouped NVFP4 GEMM with a fused epilogue; `fc1` picks gather + SwiGLU or FC2, whose epilogue is
+    the finalize into token order or, with `rows_out`, each routed row's bf16 result.
 
     n, k: the weight shape [N, K] of one expert (FC1: N = 2I, K = H; FC2: N = H, K = I); tile_w x tile_m:
-    weight rows x token rows of a work tile (tile_w a multiple of 128: each consumer warpgroup holds
-    tile_w / 128 blocks of 64 weight rows); stages: depth of the smem ring."""
+    weight rows x token rows of a work tile (tile_w 128 or 256: each consumer warpgroup holds tile_w / 128
+    blocks of 64 weight rows); stages: depth of the smem ring."""
 
     def __init__(self, fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, stages: int = STAGES, rows_out: bool = False):
         check_shape(fc1, n, k, tile_w=tile_w)
         if fc1 and rows_out:
             raise ValueError("rows_out is FC2's: FC1 always writes its SwiGLU rows")
-        if tile_w % 128 or tile_m % 64 or not 64 <= tile_m <= 256:
-            raise ValueError(f"tile {tile_w} x {tile_m}: the weight rows must be a multiple of 128, the token rows 64, 128, 192 or 256")
+        if tile_w not in (128, 256) or tile_m % 64 or not 64 <= tile_m <= 256:
+            raise ValueError(f"tile {tile_w} x {tile_m}: the weight rows must be 128 or 256, the token rows 64, 128, 192 or 256")
         self.fc1, self.n, self.k, self.tile_w, self.tile_m, self.stages = fc1, n, k, tile_w, tile_m, stages
         self.rows_out = rows_out  # FC2: write each routed row's bf16 result [R, N] instead of adding into token order
         self.reps = tile_w // 128  # blocks of 64 weight rows per consumer warpgroup
@@ -198,8 +199,8 @@ class MoEGemmSm90:
                 smem.allocate_tensor(cutlass.Float32, cute.make_layout((2, chunk, tile_w), stride=(chunk * (tile_w + 4), tile_w + 4, 1)), 16),
                 smem.allocate_tensor(cutlass.Float32, cute.make_layout((tile_m,)), 16),
             )
-        # full[s]: the producer's cp.async copies into stage s landed; empty[s]: the consumers' wgmmas on
-        # stage s are done
+        # full[s]: the producer's cp.async copies (and FC2's TMA bytes) into stage s landed; empty[s]: the
+        # consumers' wgmmas on stage s are done
         ring = pipeline.PipelineCpAsync.create(
             barrier_storage=barriers,
             num_stages=stages,
@@ -211,7 +212,9 @@ class MoEGemmSm90:
             # ---- producer: cp.async (FC2's token rows by TMA); see load_step for who copies what ----
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             offsets = self.load_offsets(tidx)
-            x_off = cute.make_rmem_tensor((tile_m // 16,), cutlass.Int32)
+            x_off = None  # FC2: its token rows come by TMA
+            if cutlass.const_expr(self.fc1):
+                x_off = cute.make_rmem_tensor((tile_m // 16,), cutlass.Int32)
             w_off = cute.make_rmem_tensor((tile_w // 64,), cutlass.Int32)
             sf_off = cute.make_rmem_tensor((tile_w // 128,), cutlass.Int32)
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
@@ -221,7 +224,7 @@ class MoEGemmSm90:
                     # where this thread's rows start (see load_step); each K step adds its k offset
                     if cutlass.const_expr(self.fc1):
                         for i in cutlass.range_constexpr(tile_m // 16):
-                            x_off[i] = self.source_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
+                            x_off[i] = self.token_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
                     else:
                         # the tile's rows from row_start on (rows past the expert's end are read but never
                         # stored; past the tensor's end TMA fills zeros): stage s <- box (row_start, 64 k)
@@ -261,7 +264,8 @@ class MoEGemmSm90:
             codes = cute.make_rmem_tensor((TILE_K // 16, self.reps), cutlass.Int32)
             scale_words = cute.make_rmem_tensor((TILE_K // 32, self.reps), cutlass.Int32)
             # what the epilogue reads from global memory, loaded before the main loop hides its latency:
-            # FC1 the expert's 1 / global scale; FC2 the token and coefficient of each row the thread adds
+            # FC1 the expert's 1 / global scale; FC2's finalize the token and coefficient of the row the
+            # thread adds (rows_out: nothing)
             epi_scale = cute.make_rmem_tensor((1,), cutlass.Float32)
             epi_token = cute.make_rmem_tensor((1,), cutlass.Int32)
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
@@ -304,15 +308,13 @@ class MoEGemmSm90:
         return w % (self.n // self.tile_w), mTiles[m_blk, 0], mTiles[m_blk, 1], mTiles[m_blk, 2]
 
     @cute.jit
-    def source_row(self, mRowToken, row_start, row_end, i):
-        """The source row of tile row i: rows past the expert repeat its first row (their results are
-        never stored); FC1 gathers token rows."""
+    def token_row(self, mRowToken, row_start, row_end, i):
+        """FC1: the token row that tile row i gathers; rows past the expert repeat its first row (their
+        results are never stored)."""
         row = row_start + i
         if row >= row_end:
             row = row_start
-        if cutlass.const_expr(self.fc1):
-            row = mRowToken[row]
-        return row
+        return mRowToken[row]
 
     def swiglu_column(self, t):
         """FC1: the output column, within the work tile's tile_w / 2, of weight tile row t. Tile rows
@@ -338,12 +340,13 @@ class MoEGemmSm90:
 
     @cute.jit
     def load_step(self, sources, src_offsets, dst_offsets, buffers, k_tile, stage):
-        """cp.async K step `k_tile` into `stage`. Consecutive threads copy consecutive 16-byte chunks, so
-        that a warp reads whole 128-byte lines (one thread per row would read half sectors of 32 rows per
-        instruction, which measured ~2x slower than the MMA): thread p copies chunk p % 8 of token tile
-        rows p // 8 + 16 i, and 16 code bytes and 4 scale bytes of each contiguous weight chunk (the
-        fragment order puts a K step of 128 weight rows in one 4 KB code chunk and one 512-byte scale
-        chunk). Addresses are the per-tile offsets plus this step's k: no layout arithmetic per copy."""
+        """cp.async K step `k_tile` into `stage` (all but FC2's token rows, which come as one TMA box).
+        Consecutive threads copy consecutive 16-byte chunks, so that a warp reads whole 128-byte lines (one
+        thread per row would read half sectors of 32 rows per instruction, which measured ~2x slower than
+        the MMA): thread p copies chunk p % 8 of token tile rows p // 8 + 16 i (FC1), and 16 code bytes and
+        4 scale bytes of each contiguous weight chunk (the fragment order puts a K step of 128 weight rows in
+        one 4 KB code chunk and one 512-byte scale chunk). Addresses are the per-tile offsets plus this
+        step's k: no layout arithmetic per copy."""
         copy16 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.Uint8, num_bits_per_copy=128)
         copy4 = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32)
         x_base, w_base, sf_base = sources
@@ -356,7 +359,7 @@ class MoEGemmSm90:
             (w_base, w_off, k_tile * CODE_CHUNK, 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, CODE_CHUNK // 2, copy16, 16),
             (sf_base, sf_off, k_tile * SCALE_CHUNK, 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, SCALE_CHUNK, copy4, 4),
         )
-        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds if self.fc1 else kinds[1:]:  # FC2's token rows: TMA
+        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds if self.fc1 else kinds[1:]:
             for i in cutlass.range_constexpr(cute.size(offs)):
                 src = cute.make_ptr(cutlass.Uint8, base + cutlass.Int64(offs[i]) * elem_bytes + k_bytes, cute.AddressSpace.gmem, assumed_align=size)
                 dst = cute.make_ptr(cutlass.Uint8, dst0 + i * dst_step, cute.AddressSpace.smem, assumed_align=size)
@@ -381,8 +384,8 @@ class MoEGemmSm90:
 
     @cute.jit
     def epilogue_inputs(self, mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token):
-        """FC1: epi_scale[0] = 1 / the expert's global scale. FC2: the token and coefficient of tile row
-        ctid, the row this thread adds (see epilogue); 0 past the expert's rows."""
+        """FC1: epi_scale[0] = 1 / the expert's global scale. FC2's finalize: the token and coefficient of tile
+        row ctid, the row this thread adds (see epilogue); 0 past the expert's rows. rows_out: nothing."""
         if cutlass.const_expr(self.fc1):
             epi_scale[0] = mScale[expert]
         elif cutlass.const_expr(not self.rows_out):
@@ -535,7 +538,7 @@ def to_fragment_order(w: NVFP4Weights, fc1: bool, tile_w: int = TILE_W) -> NVFP4
 @functools.cache
 def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, rows_out: bool = False):
     """Compile one stage for one expert weight shape [N, K] and work tile (once per process; also runs on a
-    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that both kernels build)."""
+    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that every kernel builds)."""
     out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.BFloat16 if rows_out else cutlass.Float32, (None, n))
     return cute.compile(
         MoEGemmSm90(fc1, n, k, tile_w, tile_m, rows_out=rows_out),

@@ -1,11 +1,11 @@
 """The fused Hopper NVFP4 MoE kernels (kernels/cute_moe.py) behind the `MoEKernels` interface.
 
-FC1 and FC2 are one CuTe DSL kernel each; what stays on the host side is building their small inputs
-on the device without waiting on it: the per-expert row tile table and int32 row -> token map (once per
-routing plan, shared by FC1 and FC2), the per-expert pointer tables of a weight view (cached by segment
-addresses: a model's views keep their addresses, DWDP's two prefetch buffers included, so after the first
-forward every lookup hits), and per-row scales. EP's combine (`reduce_rows`) is the Triton one of
-kernels/grouped.py.
+FC1 and FC2 are one CuTe DSL kernel each (cute-det's FC2 then the fixed-order finalize); what stays on the
+host side is building their small inputs on the device without waiting on it: the per-expert row tile
+table and int32 row -> token map (once per routing plan, shared by FC1 and FC2), the per-expert pointer
+tables of a weight view (cached by segment addresses: a model's views keep their addresses, DWDP's two
+prefetch buffers included, so after the first forward every lookup hits), and per-row scales. The
+finalize of cute-det and EP's combine (`reduce_rows`) are the Triton one of kernels/grouped.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .cute_moe import TILE_M, TILE_W, check_shape, compile_gemm, fragment_layout
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, WeightView
 from .nvfp4 import ROWS, NVFP4Weights, check_layout
-from .reference import TorchReferenceKernels
+from .reference import TorchReferenceKernels, finalize_coef
 
 _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
 _INT32_MAX = 2**31 - 1
@@ -132,14 +132,17 @@ class FusedCuteKernels(GroupedTritonKernels):
             self._input(a).contiguous(), row_token, codes, scales, scale, tiles, out, _sm_count(a.device),
         )
 
-    def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+    def _check_fc2(self, h: torch.Tensor, w2: WeightView) -> None:
         check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
         check_shape(False, w2.n, w2.k, h, self.tile[0])
+
+    def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+        self._check_fc2(h, w2)
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
         _check_int32_offsets(max(h.numel(), 4 * out.numel()))  # FC2 addresses its output in bytes
         if plan.num_tokens:
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
-            coef[plan.token_rows.reshape(-1)] = (plan.token_weights / w2.global_scales()[plan.token_experts]).reshape(-1)
+            coef[plan.token_rows.reshape(-1)] = finalize_coef(plan, w2).reshape(-1)
             self._launch(False, h, plan, w2, coef, out)
         return out.to(h.dtype)
 
@@ -147,19 +150,19 @@ class FusedCuteKernels(GroupedTritonKernels):
 class FusedDeterministicKernels(FusedCuteKernels):
     """Both fused kernels, FC2's writing each routed row's bf16 result (no scale) and the fixed-order finalize
     of kernels/grouped.py adding a token's rows times router weight / global scale: the torch reference's
-    numerics, bit-reproducible, and about as fast as the in-kernel reduction (kernels/cute_moe.py)."""
+    numerics, bit-reproducible, and 1.11-1.18x cute's in-kernel reduction (results/README.md)."""
 
     name = "cute-det"
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
-        check_shape(False, w2.n, w2.k, h, self.tile[0])
+        self._check_fc2(h, w2)
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
         _check_int32_offsets(max(h.numel(), z.numel()))
-        self._launch(False, h, plan, w2, w2.global_scales(), z, rows_out=True)  # the scale is unread
-        return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
+        coef = finalize_coef(plan, w2)
+        self._launch(False, h, plan, w2, coef.reshape(-1), z, rows_out=True)  # the kernel does not read the scale
+        return self.reduce_rows(z, plan.token_rows, coef)
 
 
 class FusedFC1Kernels(FusedCuteKernels):

@@ -31,6 +31,11 @@ def decode_view(view: WeightView, dtype: torch.dtype, decode_into=None) -> torch
     return out
 
 
+def finalize_coef(plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
+    """[T, k] fp32: what FC2's finalize multiplies each of a token's rows by, router weight / global scale."""
+    return plan.token_weights / w2.global_scales()[plan.token_experts]
+
+
 def grouped_gemm(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """rows `[R, K]` x per-expert weights `[E, N, K]` -> `[R, N]`; rows past the last expert are undefined."""
     return torch._grouped_mm(rows, weights.transpose(1, 2), offs=plan.group_ends())
@@ -66,7 +71,7 @@ class TorchReferenceKernels:
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         z = grouped_gemm(self._input(h), decode_view(w2, h.dtype, self.decode_into), plan)
-        return self.reduce_rows(z, plan.token_rows, plan.token_weights / w2.global_scales()[plan.token_experts])
+        return self.reduce_rows(z, plan.token_rows, finalize_coef(plan, w2))
 
     def swiglu(self, y: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of `[R, 2I]` rows, each row first times its expert's 1 / global scale (fp32)."""

@@ -44,6 +44,17 @@ def test_default_kernels_on_cpu_are_the_reference():
     assert default_kernels("cpu", 2560, 1536) == "torch"
 
 
+@needs_cute
+@pytest.mark.parametrize("hidden,inter,expected", [(2560, 1536, "cute-det"), (7168, 2048, "cute-det"), (192, 64, "cute-fc1"), (64, 32, "grouped")])
+def test_default_kernels_pick_the_fused_stages_whose_tiles_fit(monkeypatch, hidden, inter, expected):
+    """With every set runnable: cute-det where FC1 (K = H % 64, N = 2I % 128) and FC2 (K = I % 64, N = H % 128)
+    both fit the fused kernels' tiles, cute-fc1 where only FC1 does (H = 192), else grouped."""
+    import dwdp_bench.kernels as kernels
+
+    monkeypatch.setattr(kernels, "available_kernels", lambda device: ["torch", "grouped", "cute", "cute-det", "cute-fc1"])
+    assert kernels.default_kernels("cuda", hidden, inter) == expected
+
+
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
@@ -137,7 +148,7 @@ def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile
     tiles, row_token = det.plan_tables(plan)
     compile_gemm(False, w2.shape[1], w2.shape[2], *tile, rows_out=True)(h, row_token, codes, scales, w2.global_scale, tiles, z, _sm_count(h.device))
     written = int(plan.expert_offsets[-1])
-    assert torch.isfinite(z[:written]).all()
+    assert torch.isfinite(z[:written]).all() and torch.isnan(z[written:]).all()  # rows past the last expert untouched
     z_ref = grouped_gemm(h, decode_view(r2, torch.bfloat16), plan)
     torch.testing.assert_close(z[:written], z_ref[:written], rtol=2e-2, atol=2e-2)
     out = det.fc2(h, plan, d2)
