@@ -46,7 +46,7 @@ from .runtime.comm import RankContext
 from .runtime.config import get_config
 from .runtime.strategies import DWDP, ExpertPartition, StrategyOptions, ep_send_rows
 from .runtime.timeline import Timeline
-from .runtime.transport import _check
+from .runtime.transport import check_cuda
 from .runtime.weights import SyntheticWeights
 
 COLUMNS = ["timestamp", "device", "model", "ranks", "tokens", "skew", "measure", "bytes", "ms", "gbps", "x_peer_copy", "slowdown"]
@@ -112,7 +112,7 @@ def _peer_copy_ms(ctx: RankContext, dwdp: DWDP, devices: list[str], nbytes: int)
             stream = torch.cuda.current_stream(ctx.device).cuda_stream
             for i, src in enumerate(sources):
                 args = (dst.data_ptr() + i * per_peer, ctx.device.index, src.data_ptr(), src.device.index, per_peer, stream)
-                _check(cudart.cudaMemcpyPeerAsync(*args), "cudaMemcpyPeerAsync")
+                check_cuda(cudart.cudaMemcpyPeerAsync(*args), "cudaMemcpyPeerAsync")
     else:
 
         def copy() -> None:

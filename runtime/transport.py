@@ -30,8 +30,8 @@ def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def _check(result, what: str):
-    """cuda-bindings calls return (err, *values)."""
+def check_cuda(result, what: str):
+    """The values of a cuda-bindings call (which returns (err, *values)); a RuntimeError naming `what` if err is set."""
     from cuda.bindings import runtime as cudart
 
     err, *values = result if isinstance(result, tuple) else (result,)
@@ -74,9 +74,9 @@ class Arena:
         from cuda.bindings import driver, runtime as cudart
 
         ptr = self.data.data_ptr()
-        base, _size = _check(driver.cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
+        base, _size = check_cuda(driver.cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
         base = int(base)
-        handle = _check(cudart.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
+        handle = check_cuda(cudart.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
         raw = ctypes.string_at(handle.getPtr(), 64)
         return {"kind": "cuda-ipc", "handle": raw, "offset": ptr - base, "nbytes": self.nbytes}
 
@@ -106,7 +106,7 @@ class PeerArena:
             handle = cudart.cudaIpcMemHandle_t()
             ctypes.memmove(handle.getPtr(), exported["handle"], 64)
             with torch.cuda.device(device):
-                self._base = int(_check(cudart.cudaIpcOpenMemHandle(handle, cudart.cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle"))
+                self._base = int(check_cuda(cudart.cudaIpcOpenMemHandle(handle, cudart.cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle"))
             self._ptr0 = self._base + exported["offset"]
         else:
             raise ValueError(f"unknown arena kind {exported['kind']!r}")
@@ -122,7 +122,7 @@ class PeerArena:
         if self._base is not None:
             from cuda.bindings import runtime as cudart
 
-            _check(cudart.cudaIpcCloseMemHandle(self._base), "cudaIpcCloseMemHandle")
+            check_cuda(cudart.cudaIpcCloseMemHandle(self._base), "cudaIpcCloseMemHandle")
             self._base = None
 
 
@@ -166,7 +166,7 @@ class CudaPrefetchStream:
         return ev
 
     def copy(self, c: Copy) -> None:
-        _check(
+        check_cuda(
             self._cudart.cudaMemcpyAsync(
                 c.dst.ptr(c.dst_offset), c.src.ptr(c.src_offset), c.nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyDefault, self.stream.cuda_stream
             ),
