@@ -397,6 +397,22 @@ class MoEGemmSm90:
                 epi_scale[0] = mScale[row]
 
     @cute.jit
+    def store_rows(self, tile, mOut, first_chunk, threads, t, barrier_id, row_start, row_end):
+        """A bf16 smem tile [tile_m, 8 x chunks] -> out rows row_start + m (those before row_end), columns
+        from 8 x first_chunk, in 16-byte stores by `threads` threads (this one is t), between the barrier
+        that makes the tile's writes visible and the one after which it may be written again."""
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
+        chunks = cute.size(tile, mode=[1]) // 8
+        for s in cutlass.range_constexpr(self.tile_m * chunks // threads):
+            m = t // chunks + (threads // chunks) * s
+            row = row_start + m
+            if row < row_end:
+                part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
+                cute.autovec_copy(cute.local_tile(tile[m, None], (8,), (t % chunks,)), part)
+                cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (first_chunk + t % chunks,)))
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
+
+    @cute.jit
     def epilogue(self, acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk):
         """Accumulator element (weight tile row t, token row m) -> the output. Per block of 64 weight rows
         a thread holds rows t and t + 8 for the same token columns: elements 4i, 4i+1 and 4i+2, 4i+3
@@ -416,32 +432,14 @@ class MoEGemmSm90:
                     up = acc[idx + 2] * inv_scale
                     sig = cute.arch.rcp_approx(1.0 + cute.math.exp2(gate * -LOG2E, fastmath=True))
                     sEpi[g, m, self.swiglu_column(t) - g * cols] = (gate * sig * up).to(cutlass.BFloat16)
-            cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
-            chunks = cols // 8
-            for s in cutlass.range_constexpr(tile_m * chunks // 128):
-                m = i // chunks + (128 // chunks) * s
-                row = row_start + m
-                if row < row_end:
-                    part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
-                    cute.autovec_copy(cute.local_tile(sEpi[g, m, None], (8,), (i % chunks,)), part)
-                    cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (n_blk * (2 * chunks) + g * chunks + i % chunks,)))
-            cute.arch.barrier(barrier_id=1 + g, number_of_threads=128)
+            self.store_rows(sEpi[g, None, None], mOut, (n_blk * 2 + g) * (cols // 8), 128, i, 1 + g, row_start, row_end)
         elif cutlass.const_expr(self.rows_out):
             # z (no scale: the finalize applies router weight / global scale) as bf16 into the smem tile,
             # then each row of the tile leaves in 16-byte stores to its routed row
             for idx in cutlass.range_constexpr(cute.size(acc)):
                 t, m = coords[idx]
                 sEpi[m, t] = acc[idx].to(cutlass.BFloat16)
-            cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
-            chunks = self.tile_w // 8
-            for s in cutlass.range_constexpr(tile_m * chunks // CONSUMER_THREADS):
-                m = ctid // chunks + (CONSUMER_THREADS // chunks) * s
-                row = row_start + m
-                if row < row_end:
-                    part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
-                    cute.autovec_copy(cute.local_tile(sEpi[m, None], (8,), (ctid % chunks,)), part)
-                    cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (n_blk * chunks + ctid % chunks,)))
-            cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
+            self.store_rows(sEpi, mOut, n_blk * (self.tile_w // 8), CONSUMER_THREADS, ctid, 1, row_start, row_end)
         else:
             # finalize: z * coef[token] into smem rows of tile_w output columns, a chunk of tokens at a
             # time through two buffers; then each token's row is added into out[token] by one bulk
