@@ -163,13 +163,22 @@ def quantize(w: torch.Tensor) -> NVFP4Weights:
     return NVFP4Weights(pack(codes), block_scale, global_scale.float())
 
 
+DECODE_CHUNK = 1 << 27  # weights decoded at a time: the index and fp32 temporaries take 13 bytes each
+
+
 def decode(q: NVFP4Weights, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """e2m1 x e4m3 block scale, without the global scale: exact in bf16. `[E, N, K]`."""
+    """e2m1 x e4m3 block scale, without the global scale: exact in bf16. `[E, N, K]`. A few experts at a
+    time, so that the temporaries stay ~1.7 GB (all of DeepSeek-V3's W13 at once would take ~90 GB)."""
     check_layout(q, ROWS, "decoding")
     e, n, k = q.shape
-    values = E2M1_VALUES.to(device=q.device, dtype=torch.float32)[unpack(q.packed).long()]
-    out = values.view(e, n, k // BLOCK, BLOCK) * q.block_scale.float()[..., None]
-    return out.view(e, n, k).to(dtype)
+    lut = E2M1_VALUES.to(device=q.device, dtype=torch.float32)
+    out = torch.empty(e, n, k, dtype=dtype, device=q.device)
+    step = max(1, DECODE_CHUNK // (n * k))
+    for first in range(0, e, step):
+        part = slice(first, first + step)
+        values = lut[unpack(q.packed[part]).long()]
+        out[part] = (values.view(-1, n, k // BLOCK, BLOCK) * q.block_scale[part].float()[..., None]).view(-1, n, k).to(dtype)
+    return out
 
 
 def dequantize(q: NVFP4Weights, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import reference_model as ref
+from dwdp_bench.kernels import nvfp4
 from dwdp_bench.kernels.nvfp4 import (
     NVFP4Weights,
     decode,
@@ -82,12 +83,15 @@ def test_each_code_decodes_to_its_e2m1_value():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_codes_decode_through_the_table_with_scales(seed):
+@pytest.mark.parametrize("chunk", [None, 1, 3 * 32 * 2, 3 * 32 * 3])  # default; one expert at a time; 2 then 1 of 3
+def test_random_codes_decode_through_the_table_with_scales(seed, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(nvfp4, "DECODE_CHUNK", chunk)
     g = _gen(seed)
-    e, n, k = 2, 3, 32
+    e, n, k = 3, 3, 32
     codes = torch.randint(0, 16, (e, n, k), generator=g, dtype=torch.uint8)
     scale_bytes = torch.randint(0, 0x7F, (e, n, k // 16), generator=g, dtype=torch.uint8)  # no NaN (0x7F)
-    q = NVFP4Weights(pack(codes), scale_bytes.view(torch.float8_e4m3fn), torch.tensor([2.0, 0.25]))
+    q = NVFP4Weights(pack(codes), scale_bytes.view(torch.float8_e4m3fn), torch.tensor([2.0, 0.25, 4.0]))
     table = torch.tensor(E2M1_TABLE, dtype=torch.float64)
     scale = q.block_scale.double().repeat_interleave(16, dim=-1)
     want = table[codes.long()] * scale
