@@ -374,9 +374,12 @@ def kernels(
     cases = [Case(m, t, s) for m in model_names for t in token_counts for s in skews]
     for i, case in enumerate(cases):
         console.print(f"[{i + 1}/{len(cases)}] {case.model} tokens={case.tokens} skew={case.skew:g}")
-        for row in run_case(case, dev, names, p["seed"]):
+        case_rows, refused = run_case(case, dev, names, p["seed"])
+        for row in case_rows:
             writer.write(row)
             rows.append(row)
+        for line in refused:
+            console.print(f"  not measured: {line}")
     Console().print(table(rows))
     Console().print(f"rows: {writer.path}")
     if run_transport:

@@ -105,7 +105,9 @@ def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device
     return out
 
 
-def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> list[dict]:
+def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
+    """The case's rows, and a line per implementation and stage that refused the case (its input check's
+    message, e.g. a kernel's 32-bit offsets at DeepSeek-V3's 64K tokens): the others are still measured."""
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -121,12 +123,19 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
     # each set's weights in its own layout, made once as at model build (not timed)
     views = {name: [WeightView([w]) for w in kern.prepare_experts(q13, q2)] for name, kern in kernels.items()}
     timings: dict[tuple[str, str], float] = {}
+    refused: list[str] = []
     for stage, view, experts, (k_dim, n_dim) in (("fc1", w13, q13, (h, 2 * inter)), ("fc2", w2, q2, (inter, h))):
         gemm_rows = (lambda: x[plan.row_token]) if stage == "fc1" else (lambda: hidden)
         timings.update(_baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device, gen))
         for name, kern in kernels.items():
             v13, v2 = views[name]
-            timings[(stage, name)] = bench((lambda: kern.fc1(x, plan, v13)) if stage == "fc1" else (lambda: kern.fc2(hidden, plan, v2)), device)
+            call = (lambda: kern.fc1(x, plan, v13)) if stage == "fc1" else (lambda: kern.fc2(hidden, plan, v2))
+            try:
+                call()  # the implementation's input checks, before any timing
+            except ValueError as e:
+                refused.append(f"{stage} {name}: {e}")
+                continue
+            timings[(stage, name)] = bench(call, device)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = []
     for (stage, impl), ms in timings.items():
@@ -138,7 +147,7 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
                 "frac_ceiling": timings[(stage, "dense-bf16")] / ms, "x_vs_torch": timings[(stage, "torch")] / ms if (stage, "torch") in timings else None,
             }
         )
-    return out
+    return out, refused
 
 
 def table(rows: list[dict]) -> Table:

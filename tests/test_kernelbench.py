@@ -31,6 +31,25 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
             assert float(r["frac_ceiling"]) == 1.0
 
 
+def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured(monkeypatch):
+    """A kernel set whose input check refuses a stage (as cute-det's FC2 does past 2^31 output elements)
+    loses that stage's row, not the case."""
+    from dwdp_bench import kernelbench
+
+    real = kernelbench.get_kernels
+    torch_kernels = type(real("torch", torch.device("cpu")))
+
+    class RefusesFC2(torch_kernels):
+        def fc2(self, h, plan, w2):
+            raise ValueError("this batch needs 2^32 elements")
+
+    monkeypatch.setattr(kernelbench, "get_kernels", lambda name, device: RefusesFC2() if name == "refuser" else real(name, device))
+    rows, refused = kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "refuser"])
+    measured = {(r["stage"], r["impl"]) for r in rows}
+    assert ("fc1", "refuser") in measured and ("fc2", "refuser") not in measured and ("fc2", "torch") in measured
+    assert refused == ["fc2 refuser: this batch needs 2^32 elements"]
+
+
 def test_kernels_rejects_unknown_names(tmp_path):
     done = cli("kernels", "--device", "cpu", "--impls", "no-such-kernels", "--out", str(tmp_path / "k.csv"), timeout=120)
     assert done.returncode == 2 and "unknown kernel implementation" in done.stderr
