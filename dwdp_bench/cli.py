@@ -128,7 +128,7 @@ def e2e(
     gpus: Optional[int] = typer.Option(None, help="GPUs (one rank each) on this host. Default: all visible GPUs."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu. Default: cuda when a GPU is visible."),
     ranks: Optional[int] = typer.Option(None, help="Number of CPU ranks with --device cpu (default 2)."),
-    model: Optional[str] = typer.Option(None, help="synthetic:<config> (deepseek-v3-lite, deepseek-v3, tiny) or a checkpoint directory. Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
+    model: Optional[str] = typer.Option(None, help="`synthetic:<config>` (deepseek-v3-lite, deepseek-v3, tiny) or a checkpoint directory. Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
     layers: Optional[int] = typer.Option(None, help="Override the number of layers of a synthetic model."),
     strategies: str = typer.Option("replicated,dwdp,ep,ep-overlap", help="Comma-separated: replicated, dwdp, ep, ep-overlap."),
     cv: str = typer.Option("0,0.2,0.4", help="Input-length spreads to run (coefficient of variation), comma-separated."),
@@ -147,7 +147,7 @@ def e2e(
     slice_mib: float = typer.Option(0.0, help="Split prefetch copies into slices of this many MiB, peers round-robin (the contention fix for groups > 2). 0: whole copies."),
     seed: int = typer.Option(0, help="Seed of the synthetic weights and of the workload."),
     timeout: float = typer.Option(300.0, help="Seconds a rank may go without progress before the run is declared hung and stopped."),
-    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/e2e-<UTC time>.csv."),
+    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: `results/e2e-<UTC time>.csv`."),
     master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address (loopback unless told otherwise)."),
     fault_delay_prefetch: float = typer.Option(0.0, help="Fault injection: delay every DWDP prefetch by this many seconds (logits must not change)."),
     fault_skip_prefetch_wait: bool = typer.Option(False, help="Fault injection: compute does not wait for prefetches (must be caught as a logit mismatch)."),
@@ -222,7 +222,7 @@ def e2e(
 def gsm8k(
     ctx: typer.Context,
     suite: Optional[str] = typer.Option(None, help=SUITE_HELP),
-    model: Optional[str] = typer.Option(None, help="synthetic:<config> or a checkpoint directory (tokenizer from the same directory). Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
+    model: Optional[str] = typer.Option(None, help="`synthetic:<config>` or a checkpoint directory (tokenizer from the same directory). Default: synthetic:deepseek-v3-lite on GPU, synthetic:tiny on CPU."),
     data: Optional[Path] = typer.Option(None, help="GSM8K test file: .jsonl or .parquet with question/answer (upstream format). Required; nothing is downloaded."),
     train: Optional[Path] = typer.Option(None, help="File to draw few-shot examples from. Default: the test file, never the question itself."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N questions only."),
@@ -241,7 +241,7 @@ def gsm8k(
     act_quant: str = typer.Option("none", help="none or nvfp4 (W4A4 numerics)."),
     seed: int = typer.Option(0, help="Seed of synthetic weights."),
     timeout: float = typer.Option(300.0, help="Seconds without progress before a rank is declared hung."),
-    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/accuracy-<UTC time>.csv."),
+    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: `results/accuracy-<UTC time>.csv`."),
     master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address."),
     rerun_reference: bool = typer.Option(True, help="Run replicated a second time: how well two runs of one strategy agree is the floor the others are judged against."),
 ) -> None:
@@ -310,7 +310,7 @@ def kernels(
         "Default: on when this host has 2 or more GPUs and --device is cuda.",
     ),
     ranks: Optional[int] = typer.Option(None, help="Ranks of the transport cases: GPUs (one rank each), or CPU ranks with --device cpu. Default: every visible GPU; 2 CPU ranks."),
-    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: results/kernels-<UTC time>.csv."),
+    out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: `results/kernels-<UTC time>.csv`."),
     seed: int = typer.Option(0, help="Seed of the random inputs and weights."),
     timeout: float = typer.Option(300.0, help="Seconds a transport rank may go without progress before the run is declared hung and stopped."),
 ) -> None:
@@ -396,7 +396,7 @@ def kernels(
 @app.command()
 def report(
     results: list[Path] = typer.Argument(..., help="Results CSVs (e2e, accuracy); an e2e CSV's .timeline.json is read too."),
-    out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and summary.md. Default: results/report-<UTC time>/."),
+    out: Optional[Path] = typer.Option(None, help="Directory for the PNGs and summary.md. Default: `results/report-<UTC time>/`."),
 ) -> None:
     """Plots and a Markdown summary: tokens/s per GPU vs length spread per strategy, a per-rank
     timeline of one pass (computing vs waiting on collectives vs waiting on prefetches), the medians

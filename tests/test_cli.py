@@ -1,4 +1,4 @@
-"""Every command explains itself; `env` reports this machine."""
+"""Every command explains itself (placeholders such as <config> survive the help's markdown); `env` reports this machine."""
 
 import json
 
@@ -12,11 +12,11 @@ from e2e_helpers import cli
     [
         ([], ["env", "e2e", "accuracy", "kernels", "report", "gate", "DWDP"]),
         (["env"], ["GPUs", "JSON"]),
-        (["e2e"], ["--gpus", "--strategies", "--cv", "--dwdp-local", "--timeout", "tokens/s"]),
+        (["e2e"], ["--gpus", "--strategies", "--cv", "--dwdp-local", "--timeout", "tokens/s", "<config>", "<UTC"]),
         (["accuracy"], ["gsm8k"]),
-        (["accuracy", "gsm8k"], ["--data", "--reference", "--limit", "agreement", "lm-eval", "--suite"]),
-        (["kernels"], ["FC1", "FC2", "ceiling", "--tokens", "--skew", "--suite"]),
-        (["report"], ["timeline", "spread", "--out"]),
+        (["accuracy", "gsm8k"], ["--data", "--reference", "--limit", "agreement", "lm-eval", "--suite", "<config>"]),
+        (["kernels"], ["FC1", "FC2", "ceiling", "--tokens", "--skew", "--suite", "<UTC"]),
+        (["report"], ["timeline", "spread", "--out", "<UTC"]),
         (["gate"], ["--reference", "Exit 0", "regression"]),
     ],
 )
