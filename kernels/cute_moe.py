@@ -28,8 +28,9 @@ stored in its work tile's order (gate and up interleaved, see weight_row).
 A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide;
 a tile of 256 weight rows x 128 tokens halves the token traffic from L2 but decodes twice as much per
 FLOP and measured slower. Where the time goes, bounded by throwaway variants (results/README.md): the
-token rows' loads cost FC1 ~19% (the same kernel loading them only in a tile's first K steps), the
-decode 4-7%, FC1's epilogue ~5%, FC2's finalize 18-28%.
+token rows' gather costs FC1 ~12-19% (the same kernel over pre-permuted rows by TMA boxes runs at 0.90-0.98x
+dense; per-row TMA boxes and 2-CTA clusters sharing the gathered rows measured slower than cp.async),
+the decode 4-7%, FC1's epilogue ~5%, FC2's finalize 18-28%.
 
 Epilogues:
     FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
