@@ -107,7 +107,7 @@ def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device
 
 def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
     """The case's rows, and a line per implementation and stage that refused the case (its input check's
-    message, e.g. a kernel's 32-bit offsets at DeepSeek-V3's 64K tokens): the others are still measured."""
+    message, e.g. a kernel's 32-bit offsets on a large batch): the others are still measured."""
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -410,7 +410,11 @@ class MoEGemmSm90:
             if row < row_end:
                 part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
                 cute.autovec_copy(cute.local_tile(tile[m, None], (8,), (t % chunks,)), part)
-                cute.autovec_copy(part, cute.local_tile(mOut[row, None], (8,), (first_chunk + t % chunks,)))
+                # the row's address in 64 bits: FC2's [R, N] rows pass 2^31 elements at DeepSeek-V3's 64K tokens
+                cols = cute.size(mOut, mode=[1])
+                row_ptr = cute.make_ptr(mOut.element_type, mOut.iterator.toint() + cutlass.Int64(row) * (cols * mOut.element_type.width // 8), cute.AddressSpace.gmem, assumed_align=16)
+                out_row = cute.make_tensor(row_ptr, cute.make_layout(cols))
+                cute.autovec_copy(part, cute.local_tile(out_row, (8,), (first_chunk + t % chunks,)))
         cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
 
     @cute.jit

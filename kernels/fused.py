@@ -47,8 +47,9 @@ def tile_table(plan: RoutingPlan, tile_m: int = TILE_M) -> torch.Tensor:
 
 
 def _check_int32_offsets(largest_offset: int) -> None:
-    """The kernels compute offsets in 32 bits (elements; FC2's output in bytes): refuse what would
-    overflow them rather than write to wrong addresses."""
+    """The kernels compute their inputs' offsets in 32 bits (elements), and `cute`'s FC2 its fp32 output's
+    (bytes); FC1's and cute-det's row outputs are addressed in 64. Refuse what would overflow rather than
+    write to wrong addresses."""
     if largest_offset > _INT32_MAX:
         raise ValueError(
             f"the CuTe DSL MoE kernels address at most 2^31 elements per tensor (FC2's fp32 output: 2^31 bytes), "
@@ -119,7 +120,7 @@ class FusedCuteKernels(GroupedTritonKernels):
         check_layout(w13, self.layouts[0], f"kernels {self.name!r} FC1")
         check_shape(True, w13.n, w13.k, x, self.tile[0])
         _check_fc1_out(out, plan.num_rows, w13.n // 2)
-        _check_int32_offsets(max(x.numel(), out.numel()))
+        _check_int32_offsets(x.numel())  # its output rows are addressed in 64 bits
         if plan.num_tokens:
             self._launch(True, x, plan, w13, 1.0 / w13.global_scales(), out)
         return out
@@ -159,7 +160,7 @@ class FusedDeterministicKernels(FusedCuteKernels):
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
-        _check_int32_offsets(max(h.numel(), z.numel()))
+        _check_int32_offsets(h.numel())  # z's rows are addressed in 64 bits
         coef = finalize_coef(plan, w2)
         self._launch(False, h, plan, w2, coef.reshape(-1), z, rows_out=True)  # the kernel does not read the scale
         return self.reduce_rows(z, plan.token_rows, coef)

@@ -159,6 +159,36 @@ def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
+def test_rows_past_2_31_output_elements_land_in_their_rows():
+    """The row outputs (FC1's, cute-det's FC2 rows) are addressed in 64 bits: with R x N > 2^31 the last
+    rows hold their own results (32-bit offsets would wrap and leave them NaN)."""
+    from dwdp_bench.kernels.cute_moe import compile_gemm
+    from dwdp_bench.kernels.fused import FusedDeterministicKernels, _sm_count
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e, n, inter, t = 2, 2560, 256, 860_000  # R x N = 2.2e9 > 2^31
+    w13 = quantize(torch.randn(e, 2 * inter, n, device="cuda", generator=g) * n**-0.5)
+    w2 = quantize(torch.randn(e, n, inter, device="cuda", generator=g) * inter**-0.5)
+    plan = build_plan((torch.arange(t, device="cuda") % e).view(t, 1), torch.ones(t, 1, device="cuda"), e)
+    det = FusedDeterministicKernels()
+    _, d2 = _views(det, w13, w2)
+    h = torch.randn(t, inter, device="cuda", generator=g).bfloat16()
+    z = torch.full((t, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    codes, scales = det.pointer_tables(d2)
+    tiles, row_token = det.plan_tables(plan)
+    compile_gemm(False, n, inter, rows_out=True)(h, row_token, codes, scales, w2.global_scale, tiles, z, _sm_count(h.device))
+    assert torch.isfinite(z).all()
+    decoded = decode(w2).float()
+    for first in (0, t - 4096):  # the first rows and the last, past 2^31 elements
+        rows = torch.arange(first, first + 4096, device="cuda")
+        expert = (rows >= plan.expert_offsets[1]).long()
+        want = torch.einsum("rk,rnk->rn", h[rows].float(), decoded[expert]).bfloat16()
+        torch.testing.assert_close(z[rows], want, rtol=2e-2, atol=2e-2)
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cute", "cute-det"])
 def test_cute_kernels_with_no_tokens(name):
     x, plan, w13, w2 = _case(8, 256, 128, 0, 2, 1, 0)

@@ -32,7 +32,7 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
 
 
 def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured(monkeypatch):
-    """A kernel set whose input check refuses a stage (as cute-det's FC2 does past 2^31 output elements)
+    """A kernel set whose input check refuses a stage (as `cute`'s FC2 does past 2^31 output bytes)
     loses that stage's row, not the case."""
     from dwdp_bench import kernelbench
 
