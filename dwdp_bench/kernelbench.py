@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from .kernels import WeightView, build_plan, get_kernels
+from .kernels import UnsupportedCase, WeightView, build_plan, get_kernels
 from .kernels.nvfp4 import NVFP4Weights, quantize
 from .kernels.reference import decode_view, grouped_gemm
 from .runtime.config import get_config
@@ -106,8 +106,9 @@ def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device
 
 
 def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
-    """The case's rows, and a line per implementation and stage that refused the case (its input check's
-    message, e.g. a kernel's 32-bit offsets on a large batch): the others are still measured."""
+    """The case's rows, and a line per implementation and stage that cannot run the case (UnsupportedCase:
+    e.g. a kernel's 32-bit offsets on a large batch): the others are still measured; any other error ends
+    the run."""
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -132,7 +133,7 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
             call = (lambda: kern.fc1(x, plan, v13)) if stage == "fc1" else (lambda: kern.fc2(hidden, plan, v2))
             try:
                 call()  # the implementation's input checks, before any timing
-            except ValueError as e:
+            except UnsupportedCase as e:
                 refused.append(f"{stage} {name}: {e}")
                 continue
             timings[(stage, name)] = bench(call, device)

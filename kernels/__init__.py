@@ -15,7 +15,7 @@ import importlib.util
 
 import torch
 
-from .interface import ExpertWeights, MoEKernels, RoutingPlan, WeightView, build_plan
+from .interface import ExpertWeights, MoEKernels, RoutingPlan, UnsupportedCase, WeightView, build_plan
 from .nvfp4 import NVFP4Weights
 
 KERNEL_NAMES = ("torch", "grouped", "cute", "cute-det", "cute-fc1")
@@ -76,4 +76,4 @@ def get_kernels(name: str, device: torch.device | str, act_quant: bool = False) 
     raise ValueError(f"unknown kernels {name!r}; choose one of: {', '.join(KERNEL_NAMES)}")
 
 
-__all__ = ["ExpertWeights", "KERNEL_NAMES", "MoEKernels", "NVFP4Weights", "RoutingPlan", "WeightView", "build_plan", "available_kernels", "default_kernels", "get_kernels"]
+__all__ = ["ExpertWeights", "KERNEL_NAMES", "MoEKernels", "NVFP4Weights", "RoutingPlan", "UnsupportedCase", "WeightView", "build_plan", "available_kernels", "default_kernels", "get_kernels"]

@@ -46,7 +46,7 @@ Epilogues:
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
          rounding, not bitwise, and a deep random model amplifies that; and the fp32 rows it adds miss
          L2, so with the TMA loads it is also the slower form: `cute-det`'s rows + finalize measured
-         1.11-1.18x its FC2 (results/README.md).
+         1.11-1.18x its FC2 on DeepSeek-V3-Lite shapes (on V3's, 0.92-0.96x: results/README.md).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
@@ -75,6 +75,7 @@ from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
 from quack.blockscaled.nvfp4_utils import decode_e2m1x8_to_bf16x8, make_decode_luts, mul_bf16x2_bcast
 
+from .interface import UnsupportedCase
 from .nvfp4 import ROWS, NVFP4Weights, check_layout
 
 TILE_W = 128  # weight rows per work tile: 2 consumer warpgroups x 64 (FC1: gate and up rows)
@@ -95,7 +96,7 @@ FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a 
 def check_shape(fc1: bool, n: int, k: int, a=None, tile_w: int = TILE_W) -> None:
     """Clear errors for what the kernels do not cover: weight shape [N, K] of one expert, activations `a`."""
     if k % TILE_K or n % tile_w:
-        raise ValueError(
+        raise UnsupportedCase(
             f"the CuTe DSL MoE kernels need K % {TILE_K} == 0 and N % {tile_w} == 0 (got N={n}, K={k}); "
             "use --kernels grouped or torch for this model"
         )

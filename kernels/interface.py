@@ -25,6 +25,11 @@ import torch
 from .nvfp4 import NVFP4Weights
 
 
+class UnsupportedCase(ValueError):
+    """A kernel set cannot run this input (its shape or size is outside what the kernels address): a
+    limit of the implementation, not a bug; benchmarks report the case as not measured."""
+
+
 @dataclass
 class WeightView:
     """One expert weight tensor (W13 `[E, 2I, H]` or W2 `[E, H, I]`) as segments in expert order."""

@@ -160,8 +160,8 @@ def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile
 @needs_cute
 @pytest.mark.gpu
 def test_rows_past_2_31_output_elements_land_in_their_rows():
-    """The row outputs (FC1's, cute-det's FC2 rows) are addressed in 64 bits: with R x N > 2^31 the last
-    rows hold their own results (32-bit offsets would wrap and leave them NaN)."""
+    """cute-det's FC2 rows [R, N] are addressed in 64 bits: with R x N > 2^31 the last rows hold their own
+    results (32-bit offsets would wrap and leave them NaN). FC1's rows go through the same store_rows."""
     from dwdp_bench.kernels.cute_moe import compile_gemm
     from dwdp_bench.kernels.fused import FusedDeterministicKernels, _sm_count
 

@@ -32,22 +32,30 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
 
 
 def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured(monkeypatch):
-    """A kernel set whose input check refuses a stage (as `cute`'s FC2 does past 2^31 output bytes)
-    loses that stage's row, not the case."""
+    """A kernel set that cannot run a stage (UnsupportedCase, as `cute`'s FC2 past 2^31 output elements)
+    loses that stage's row, not the case; any other error still ends the run."""
     from dwdp_bench import kernelbench
+    from dwdp_bench.kernels import UnsupportedCase
 
     real = kernelbench.get_kernels
     torch_kernels = type(real("torch", torch.device("cpu")))
 
     class RefusesFC2(torch_kernels):
         def fc2(self, h, plan, w2):
-            raise ValueError("this batch needs 2^32 elements")
+            raise UnsupportedCase("this batch needs 2^32 elements")
 
-    monkeypatch.setattr(kernelbench, "get_kernels", lambda name, device: RefusesFC2() if name == "refuser" else real(name, device))
+    class BrokenFC2(torch_kernels):
+        def fc2(self, h, plan, w2):
+            raise ValueError("a bug")
+
+    fakes = {"refuser": RefusesFC2, "broken": BrokenFC2}
+    monkeypatch.setattr(kernelbench, "get_kernels", lambda name, device: fakes[name]() if name in fakes else real(name, device))
     rows, refused = kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "refuser"])
     measured = {(r["stage"], r["impl"]) for r in rows}
     assert ("fc1", "refuser") in measured and ("fc2", "refuser") not in measured and ("fc2", "torch") in measured
     assert refused == ["fc2 refuser: this batch needs 2^32 elements"]
+    with pytest.raises(ValueError, match="a bug"):
+        kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "broken"])
 
 
 def test_kernels_rejects_unknown_names(tmp_path):
