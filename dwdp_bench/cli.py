@@ -160,7 +160,7 @@ def e2e(
     independently, EP ranks step in lockstep. Per (strategy, spread, repeat) one CSV row: tokens/s
     per GPU, TTFT p50/p90/max, busy vs waiting time (EP: collectives; DWDP: exposed prefetch), bytes
     moved and GB/s, peak memory and routed-expert bytes per rank, and the last-token logit error
-    against replicated. A per-rank timeline of the last repeat goes to <out>.timeline.json.
+    against replicated. A per-rank timeline of the last repeat goes to `<out>.timeline.json`.
     """
     from dataclasses import asdict
 
@@ -306,7 +306,7 @@ def kernels(
         None, "--transport/--no-transport",
         help="Also run the transport cases on N ranks (started and watched like e2e's): for one MoE layer, DWDP's prefetch "
         "(bytes, ms, GB/s) next to a plain peer copy of the same bytes, the FC1-shaped bf16 GEMM alone and while the prefetch "
-        "runs (slowdown), and EP's dispatch + combine all-to-alls. Rows go to <out>.transport.csv. "
+        "runs (slowdown), and EP's dispatch + combine all-to-alls. Rows go to `<out>.transport.csv`. "
         "Default: on when this host has 2 or more GPUs and --device is cuda.",
     ),
     ranks: Optional[int] = typer.Option(None, help="Ranks of the transport cases: GPUs (one rank each), or CPU ranks with --device cpu. Default: every visible GPU; 2 CPU ranks."),
@@ -322,7 +322,7 @@ def kernels(
 
     With --transport (default with >= 2 GPUs), what moves between ranks for one MoE layer: DWDP's
     prefetch as the forward pass issues it vs a plain peer copy, the GEMM slowdown it causes, and EP's
-    all-to-all dispatch + combine; one row per (case, measurement) in <out>.transport.csv.
+    all-to-all dispatch + combine; one row per (case, measurement) in `<out>.transport.csv`.
     """
     import torch
 

@@ -12,10 +12,10 @@ from e2e_helpers import cli
     [
         ([], ["env", "e2e", "accuracy", "kernels", "report", "gate", "DWDP"]),
         (["env"], ["GPUs", "JSON"]),
-        (["e2e"], ["--gpus", "--strategies", "--cv", "--dwdp-local", "--timeout", "tokens/s", "<config>", "<UTC"]),
+        (["e2e"], ["--gpus", "--strategies", "--cv", "--dwdp-local", "--timeout", "tokens/s", "<config>", "<UTC", "<out>.timeline.json"]),
         (["accuracy"], ["gsm8k"]),
         (["accuracy", "gsm8k"], ["--data", "--reference", "--limit", "agreement", "lm-eval", "--suite", "<config>"]),
-        (["kernels"], ["FC1", "FC2", "ceiling", "--tokens", "--skew", "--suite", "<UTC"]),
+        (["kernels"], ["FC1", "FC2", "ceiling", "--tokens", "--skew", "--suite", "<UTC", "<out>.transport.csv"]),
         (["report"], ["timeline", "spread", "--out", "<UTC"]),
         (["gate"], ["--reference", "Exit 0", "regression"]),
     ],
