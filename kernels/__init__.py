@@ -46,7 +46,7 @@ def default_kernels(device: torch.device | str, hidden: int, intermediate: int) 
             try:
                 check_shape(fc1, 2 * intermediate if fc1 else hidden, hidden if fc1 else intermediate)
                 return True
-            except ValueError:
+            except UnsupportedCase:
                 return False
 
         if fits(True):

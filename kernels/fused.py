@@ -138,8 +138,8 @@ class FusedCuteKernels(GroupedTritonKernels):
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
         self._check_fc2(h, w2)
+        _check_int32_offsets(max(h.numel(), plan.num_tokens * w2.n))  # h and the fp32 output
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
-        _check_int32_offsets(max(h.numel(), out.numel()))
         if plan.num_tokens:
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = finalize_coef(plan, w2).reshape(-1)
@@ -159,8 +159,8 @@ class FusedDeterministicKernels(FusedCuteKernels):
         self._check_fc2(h, w2)
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
-        z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
         _check_int32_offsets(h.numel())  # z's rows are addressed in 64 bits
+        z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
         coef = finalize_coef(plan, w2)
         self._launch(False, h, plan, w2, coef.reshape(-1), z, rows_out=True)  # the kernel does not read the scale
         return self.reduce_rows(z, plan.token_rows, coef)
