@@ -26,8 +26,11 @@ bytes out of four rows' words (3 prmt per word and 4 loads per step in the row l
 stored in its work tile's order (gate and up interleaved, see weight_row).
 
 A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide;
-a tile of 256 weight rows x 128 tokens halves the token traffic from L2 but decodes twice as much per
-FLOP and measured slower. Where the time goes, bounded by throwaway variants (results/README.md): the
+a tile of 256 weight rows x 128 tokens halves the token traffic from L2 and pads each expert's rows to a
+multiple of 128 rather than 256, but decodes twice as much per FLOP: FC1 runs about as fast per row in
+either, FC2 ~10% slower in the wide one. Both read the same fragment-ordered weights, so each call picks
+the tile whose padding costs less for its rows per expert (kernels/fused.py: `work_tile`; DeepSeek-V3 at
+8K tokens, ~256 rows per expert: FC1 17% faster). Where the time goes, bounded by throwaway variants (results/README.md): the
 token rows' gather costs FC1 ~12-19% (the same kernel over pre-permuted rows by TMA boxes runs at 0.90-0.98x
 dense; per-row TMA boxes and 2-CTA clusters sharing the gathered rows measured slower than cp.async),
 the decode 4-7%, FC1's epilogue ~5%, FC2's finalize 18-28%.
@@ -321,10 +324,12 @@ class MoEGemmSm90:
     def swiglu_column(self, t):
         """FC1: the output column, within the work tile's tile_w / 2, of weight tile row t. Tile rows
         interleave gate and up in groups of 8 (rows 16i..16i+7 gate, 16i+8..16i+15 up of the same 8
-        columns), so that a thread's accumulator rows t and t + 8 are the gate and the up of one column;
-        warpgroup g's columns are the contiguous g-th half of the tile's."""
+        columns), so that a thread's accumulator rows t and t + 8 are the gate and the up of one column.
+        Each 128-row block b of the tile holds output columns 64 b..64 b+63, warpgroup g the g-th 32 of
+        them: a 256-row tile is two 128-row tiles side by side, so that both widths read the same
+        fragment-ordered weights and a call can pick either."""
         g, u = (t // 64) % 2, t % 64
-        return g * (self.tile_w // 4) + (t // 128) * 32 + (u // 16) * 8 + u % 8
+        return (t // 128) * 64 + g * 32 + (u // 16) * 8 + u % 8
 
     def weight_row(self, n_blk, t):
         """The expert weight row held by tile row t of weight block n_blk (FC1: gate rows [0, N/2), up
@@ -399,10 +404,11 @@ class MoEGemmSm90:
                 epi_scale[0] = mScale[row]
 
     @cute.jit
-    def store_rows(self, tile, mOut, first_chunk, threads, t, barrier_id, row_start, row_end):
-        """A bf16 smem tile [tile_m, 8 x chunks] -> out rows row_start + m (those before row_end), columns
-        from 8 x first_chunk, in 16-byte stores by `threads` threads (this one is t), between the barrier
-        that makes the tile's writes visible and the one after which it may be written again."""
+    def store_rows(self, tile, mOut, first_chunk, run_stride, threads, t, barrier_id, row_start, row_end):
+        """A bf16 smem tile [tile_m, 8 x chunks] -> out rows row_start + m (those before row_end), in 16-byte
+        stores by `threads` threads (this one is t), between the barrier that makes the tile's writes visible
+        and the one after which it may be written again. The tile's 8-column chunks go to out's chunks in runs
+        of 4 from first_chunk, consecutive runs run_stride chunks apart (4: one contiguous span)."""
         cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
         chunks = cute.size(tile, mode=[1]) // 8
         for s in cutlass.range_constexpr(self.tile_m * chunks // threads):
@@ -415,7 +421,7 @@ class MoEGemmSm90:
                 cols = cute.size(mOut, mode=[1])
                 row_ptr = cute.make_ptr(mOut.element_type, mOut.iterator.toint() + cutlass.Int64(row) * (cols * mOut.element_type.width // 8), cute.AddressSpace.gmem, assumed_align=16)
                 out_row = cute.make_tensor(row_ptr, cute.make_layout(cols))
-                cute.autovec_copy(part, cute.local_tile(out_row, (8,), (first_chunk + t % chunks,)))
+                cute.autovec_copy(part, cute.local_tile(out_row, (8,), (first_chunk + (t % chunks) // 4 * run_stride + t % 4,)))
         cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
 
     @cute.jit
@@ -428,24 +434,25 @@ class MoEGemmSm90:
         g = ctid // 128
         i = ctid % 128
         if cutlass.const_expr(self.fc1):
-            # h = silu(gate / s) * (up / s) into this warpgroup's smem tile, then out in 16-byte stores
+            # h = silu(gate / s) * (up / s) into this warpgroup's smem tile (its 32 columns of each 128-row
+            # block side by side, see swiglu_column), then out in 16-byte stores
             inv_scale = epi_scale[0]
-            cols = self.tile_w // 4
             for idx in cutlass.range_constexpr(cute.size(acc)):
                 if cutlass.const_expr(idx % 4 < 2):
                     t, m = coords[idx]
                     gate = acc[idx] * inv_scale
                     up = acc[idx + 2] * inv_scale
                     sig = cute.arch.rcp_approx(1.0 + cute.math.exp2(gate * -LOG2E, fastmath=True))
-                    sEpi[g, m, self.swiglu_column(t) - g * cols] = (gate * sig * up).to(cutlass.BFloat16)
-            self.store_rows(sEpi[g, None, None], mOut, (n_blk * 2 + g) * (cols // 8), 128, i, 1 + g, row_start, row_end)
+                    column = self.swiglu_column(t)
+                    sEpi[g, m, (column // 64) * 32 + column % 32] = (gate * sig * up).to(cutlass.BFloat16)
+            self.store_rows(sEpi[g, None, None], mOut, n_blk * (self.tile_w // 16) + g * 4, 8, 128, i, 1 + g, row_start, row_end)
         elif cutlass.const_expr(self.rows_out):
             # z (no scale: the finalize applies router weight / global scale) as bf16 into the smem tile,
             # then each row of the tile leaves in 16-byte stores to its routed row
             for idx in cutlass.range_constexpr(cute.size(acc)):
                 t, m = coords[idx]
                 sEpi[m, t] = acc[idx].to(cutlass.BFloat16)
-            self.store_rows(sEpi, mOut, n_blk * (self.tile_w // 8), CONSUMER_THREADS, ctid, 1, row_start, row_end)
+            self.store_rows(sEpi, mOut, n_blk * (self.tile_w // 8), 4, CONSUMER_THREADS, ctid, 1, row_start, row_end)
         else:
             # finalize: z * coef[token] into smem rows of tile_w output columns, a chunk of tokens at a
             # time through two buffers; then each token's row is added into out[token] by one bulk
@@ -514,18 +521,18 @@ def _fake(dtype, shape, align: int = 16):
     return cute.runtime.make_fake_compact_tensor(dtype, shape, stride_order=tuple(reversed(range(len(shape)))), assumed_align=align)
 
 
-def fragment_layout(fc1: bool, tile_w: int = TILE_W) -> str:
-    """The name of `to_fragment_order`'s byte order (FC1's row order depends on the work tile's width)."""
-    return f"cute-fc1-w{tile_w}" if fc1 else "cute-fc2"
+def fragment_layout(fc1: bool) -> str:
+    """The name of `to_fragment_order`'s byte order (the same for both work tile widths, see swiglu_column)."""
+    return "cute-fc1" if fc1 else "cute-fc2"
 
 
-def to_fragment_order(w: NVFP4Weights, fc1: bool, tile_w: int = TILE_W) -> NVFP4Weights:
+def to_fragment_order(w: NVFP4Weights, fc1: bool) -> NVFP4Weights:
     """Experts in the `rows` layout -> the same bytes in the order the kernels' threads read them (see
     the module docstring); shapes and sizes unchanged, each expert's bytes stay its own."""
     e, n, k = w.shape
     check_layout(w, ROWS, "the fragment reorder")
     t = torch.arange(n, device=w.device)
-    rows = MoEGemmSm90(fc1, n, k, tile_w).weight_row(t // tile_w, t % tile_w)  # MoEGemmSm90 checks the shape
+    rows = MoEGemmSm90(fc1, n, k).weight_row(t // TILE_W, t % TILE_W)  # MoEGemmSm90 checks the shape
     steps = k // TILE_K
     # tile-order row 128 b + 16 w + 8 h + l is row r + 8 h of thread 32 w + 4 l + q (r = 16 w + l, any q);
     # byte 8 kb + 4 s + q of a row's K step is byte q of its code word 2 kb + s (k 16 kb + 8 s + 2 q ..)
@@ -535,14 +542,15 @@ def to_fragment_order(w: NVFP4Weights, fc1: bool, tile_w: int = TILE_W) -> NVFP4
     scales = w.block_scale[:, rows].view(torch.uint8).view(e, n // 128, 8, 2, 8, steps, 2, 2)
     scales = scales.permute(0, 1, 5, 2, 4, 6, 7, 3)  # expert, b, step | row pair (w, l) | kb | h
     return NVFP4Weights(
-        codes.reshape(e, n, k // 2), scales.reshape(e, n, k // BLOCK).view(torch.float8_e4m3fn), w.global_scale, fragment_layout(fc1, tile_w)
+        codes.reshape(e, n, k // 2), scales.reshape(e, n, k // BLOCK).view(torch.float8_e4m3fn), w.global_scale, fragment_layout(fc1)
     )
 
 
 @functools.cache
-def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, rows_out: bool = False):
+def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, rows_out: bool = False, keep_ptx: bool = False):
     """Compile one stage for one expert weight shape [N, K] and work tile (once per process; also runs on a
-    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that every kernel builds)."""
+    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that every kernel builds). keep_ptx: the
+    result's `__ptx__` holds the PTX (a copy is written to the working directory), for CI to run ptxas on."""
     out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.BFloat16 if rows_out else cutlass.Float32, (None, n))
     return cute.compile(
         MoEGemmSm90(fc1, n, k, tile_w, tile_m, rows_out=rows_out),
@@ -555,5 +563,5 @@ def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = 
         out,
         cutlass.Int32(1),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        options="--enable-tvm-ffi",
+        options="--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else ""),
     )

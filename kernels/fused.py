@@ -11,6 +11,8 @@ finalize of cute-det and EP's combine (`reduce_rows`) are the Triton one of kern
 from __future__ import annotations
 
 import functools
+import math
+from statistics import NormalDist
 
 import torch
 
@@ -22,6 +24,10 @@ from .reference import TorchReferenceKernels, finalize_coef
 
 _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
 _INT32_MAX = 2**31 - 1
+WIDE_TILE = (256, 128)  # the other work tile (weight rows x token rows) a call may pick, see work_tile
+# time per routed row of WIDE_TILE over the default tile's, for FC1 and FC2, where both pad experts the same
+# (one H200, DeepSeek-V3-Lite and V3 shapes, 1K-64K tokens: results/README.md)
+WIDE_ROW_COST = (1.01, 1.10)
 
 
 @functools.cache
@@ -44,6 +50,17 @@ def tile_table(plan: RoutingPlan, tile_m: int = TILE_M) -> torch.Tensor:
     end = offsets[expert + 1]
     first = torch.where(index < tile_ends[-1], first, end)
     return torch.stack([expert, first, end], dim=1).to(torch.int32)
+
+
+@functools.cache
+def expected_padded_rows(mean_rows: float, tile_m: int) -> float:
+    """An expert's routed rows rounded up to whole tile_m-row tiles, expected over experts whose row counts
+    spread as uniform routing's do (binomial: about normal with sd sqrt(mean)), at 32 quantiles."""
+    if mean_rows <= 0:
+        return 0.0
+    spread = NormalDist(mean_rows, math.sqrt(mean_rows))
+    counts = (max(0, round(spread.inv_cdf((i + 0.5) / 32))) for i in range(32))
+    return sum(-(-c // tile_m) * tile_m for c in counts) / 32
 
 
 def _check_int32_offsets(largest_offset: int) -> None:
@@ -73,23 +90,42 @@ class FusedCuteKernels(GroupedTritonKernels):
     name = "cute"
     fused = (True, True)  # which of FC1, FC2 run the fused kernels
 
-    def __init__(self, act_quant: bool = False, tile: tuple[int, int] = (TILE_W, TILE_M)):
-        """tile: weight rows x token rows of the kernels' work tile (the default is the measured best)."""
+    def __init__(self, act_quant: bool = False, tile: tuple[int, int] | None = None):
+        """tile: weight rows x token rows of every call's work tile; None: `work_tile` picks one per call."""
         super().__init__(act_quant)
         self.tile = tile
-        self.layouts = tuple(fragment_layout(fc1, tile[0]) if fused else ROWS for fc1, fused in zip((True, False), self.fused))
+        self.layouts = tuple(fragment_layout(fc1) if fused else ROWS for fc1, fused in zip((True, False), self.fused))
         self._pointers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._plan: tuple[RoutingPlan, torch.Tensor, torch.Tensor] | None = None
+        self._plan: tuple[RoutingPlan, torch.Tensor, dict[int, torch.Tensor]] | None = None
 
     def prepare_experts(self, w13: NVFP4Weights, w2: NVFP4Weights) -> tuple[NVFP4Weights, NVFP4Weights]:
         """The fused stages' weights in the fragment order (a reordered copy; the others as they come)."""
-        return tuple(to_fragment_order(w, fc1, self.tile[0]) if fused else w for w, fc1, fused in zip((w13, w2), (True, False), self.fused))
+        return tuple(to_fragment_order(w, fc1) if fused else w for w, fc1, fused in zip((w13, w2), (True, False), self.fused))
 
-    def plan_tables(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tile table and the int32 row -> token map of `plan`, built once for its FC1 and FC2."""
+    def work_tile(self, plan: RoutingPlan, fc1: bool, n: int) -> tuple[int, int]:
+        """The work tile of a call of FC1 or FC2 on `plan` with weights [N, K] per expert. A 256 x 128 tile
+        pads each expert's rows to a multiple of 128 instead of 256 and reads half the token traffic per
+        FLOP, for twice the decode per FLOP (FC1 about as fast per row, FC2 10% slower): it is picked where
+        its expected padded rows, times that cost, are fewer. The plan's mean rows per expert is known on
+        the host (its row bound over its experts), so the choice never waits on the GPU; the spread
+        around it is uniform routing's."""
+        if self.tile is not None:
+            return self.tile
+        if n % WIDE_TILE[0]:
+            return TILE_W, TILE_M
+        mean = plan.num_rows / plan.num_experts
+        wide = expected_padded_rows(mean, WIDE_TILE[1]) * WIDE_ROW_COST[0 if fc1 else 1] < expected_padded_rows(mean, TILE_M)
+        return WIDE_TILE if wide else (TILE_W, TILE_M)
+
+    def plan_tables(self, plan: RoutingPlan, tile_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tile table of `plan` for tile_m-row tiles and its int32 row -> token map, each built once for
+        the plan's FC1 and FC2."""
         if self._plan is None or self._plan[0] is not plan:
-            self._plan = (plan, tile_table(plan, self.tile[1]), plan.row_token.to(torch.int32))
-        return self._plan[1], self._plan[2]
+            self._plan = (plan, plan.row_token.to(torch.int32), {})
+        tables = self._plan[2]
+        if tile_m not in tables:
+            tables[tile_m] = tile_table(plan, tile_m)
+        return tables[tile_m], self._plan[1]
 
     def pointer_tables(self, view: WeightView) -> tuple[torch.Tensor, torch.Tensor]:
         """[E] int64 base addresses of each expert's packed codes and block scales, in expert order."""
@@ -117,7 +153,7 @@ class FusedCuteKernels(GroupedTritonKernels):
     def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
         """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
         check_layout(w13, self.layouts[0], f"kernels {self.name!r} FC1")
-        check_shape(True, w13.n, w13.k, x, self.tile[0])
+        check_shape(True, w13.n, w13.k, x, self.work_tile(plan, True, w13.n)[0])
         _check_fc1_out(out, plan.num_rows, w13.n // 2)
         _check_int32_offsets(x.numel())  # its output rows are addressed in 64 bits
         if plan.num_tokens:
@@ -127,17 +163,18 @@ class FusedCuteKernels(GroupedTritonKernels):
     def _launch(self, fc1: bool, a: torch.Tensor, plan: RoutingPlan, view: WeightView, scale: torch.Tensor, out: torch.Tensor, rows_out: bool = False) -> None:
         """One fused kernel over the routed rows of `plan` (arguments as kernels/cute_moe.py's MoEGemmSm90 takes them)."""
         codes, scales = self.pointer_tables(view)
-        tiles, row_token = self.plan_tables(plan)
-        compile_gemm(fc1, view.n, view.k, *self.tile, rows_out=rows_out)(
+        tile = self.work_tile(plan, fc1, view.n)
+        tiles, row_token = self.plan_tables(plan, tile[1])
+        compile_gemm(fc1, view.n, view.k, *tile, rows_out=rows_out)(
             self._input(a).contiguous(), row_token, codes, scales, scale, tiles, out, _sm_count(a.device),
         )
 
-    def _check_fc2(self, h: torch.Tensor, w2: WeightView) -> None:
+    def _check_fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> None:
         check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
-        check_shape(False, w2.n, w2.k, h, self.tile[0])
+        check_shape(False, w2.n, w2.k, h, self.work_tile(plan, False, w2.n)[0])
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        self._check_fc2(h, w2)
+        self._check_fc2(h, plan, w2)
         _check_int32_offsets(max(h.numel(), plan.num_tokens * w2.n))  # h and the fp32 output
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
         if plan.num_tokens:
@@ -156,7 +193,7 @@ class FusedDeterministicKernels(FusedCuteKernels):
     name = "cute-det"
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        self._check_fc2(h, w2)
+        self._check_fc2(h, plan, w2)
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         _check_int32_offsets(h.numel())  # z's rows are addressed in 64 bits
