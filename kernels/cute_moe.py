@@ -547,10 +547,10 @@ def to_fragment_order(w: NVFP4Weights, fc1: bool) -> NVFP4Weights:
 
 
 @functools.cache
-def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, rows_out: bool = False, keep_ptx: bool = False):
+def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = TILE_M, rows_out: bool = False, ptx_dir: str | None = None):
     """Compile one stage for one expert weight shape [N, K] and work tile (once per process; also runs on a
-    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that every kernel builds). keep_ptx: the
-    result's `__ptx__` holds the PTX (a copy is written to the working directory), for CI to run ptxas on."""
+    CPU machine with CUTE_DSL_ARCH=sm_90a, which is how CI checks that every kernel builds). ptx_dir: also
+    write the kernel's PTX into this directory (and keep it in the result's `__ptx__`), for CI's ptxas check."""
     out = _fake(cutlass.BFloat16, (None, n // 2)) if fc1 else _fake(cutlass.BFloat16 if rows_out else cutlass.Float32, (None, n))
     return cute.compile(
         MoEGemmSm90(fc1, n, k, tile_w, tile_m, rows_out=rows_out),
@@ -563,5 +563,5 @@ def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = 
         out,
         cutlass.Int32(1),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        options="--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else ""),
+        options="--enable-tvm-ffi" + (f" --keep-ptx --dump-dir={ptx_dir}" if ptx_dir else ""),
     )

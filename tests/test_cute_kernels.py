@@ -42,17 +42,16 @@ def _assemble(ptx: str, where) -> str | None:
 @needs_cute
 @pytest.mark.parametrize("e,h,inter", MODEL_SHAPES)
 @pytest.mark.parametrize("tile", [(128, 256), (256, 128)])
-def test_kernels_compile_for_sm90a_without_serialized_wgmmas(e, h, inter, tile, tmp_path, monkeypatch):
+def test_kernels_compile_for_sm90a_without_serialized_wgmmas(e, h, inter, tile, tmp_path):
     """Every kernel builds for sm_90a, and ptxas keeps its wgmmas asynchronous: where it sees other instructions
     read a wgmma's accumulators inside the pipeline it serializes them (warning C7514). cute-det's FC2 kernel
     was built that way until an unrelated edit of its row stores happened to avoid it, 5-14% faster (results/
     README.md), so a change that brings it back must fail here rather than show up as a slower benchmark."""
     from dwdp_bench.kernels.cute_moe import compile_gemm
 
-    monkeypatch.chdir(tmp_path)  # --keep-ptx also writes the PTX into the working directory
     unchecked = []
     for fc1, n, k, rows_out in ((True, 2 * inter, h, False), (False, h, inter, False), (False, h, inter, True)):
-        kernel = compile_gemm(fc1, n, k, *tile, rows_out=rows_out, keep_ptx=True)
+        kernel = compile_gemm(fc1, n, k, *tile, rows_out=rows_out, ptx_dir=str(tmp_path))
         assert kernel is not None and kernel.__ptx__
         warnings = _assemble(kernel.__ptx__, tmp_path)
         name = f"FC{1 if fc1 else 2}{' rows_out' if rows_out else ''} {tile}"
