@@ -26,8 +26,10 @@ _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per M
 _INT32_MAX = 2**31 - 1
 WIDE_TILE = (256, 128)  # the other work tile (weight rows x token rows) a call may pick, see work_tile
 # time per routed row of WIDE_TILE over the default tile's, for FC1 and FC2, where both pad experts the same
-# (one H200, DeepSeek-V3-Lite and V3 shapes, 1K-64K tokens: FC1 1.00-1.03, FC2 1.10-1.16; results/README.md)
-WIDE_ROW_COST = (1.02, 1.10)
+# (one H200, DeepSeek-V3-Lite and V3 shapes, 1K-64K tokens: FC1 1.00-1.03, FC2 1.10-1.16; results/README.md).
+# FC1's is set low: skewed routing spreads expert loads far more than the uniform model below assumes, and
+# then the wide tile pads less (V3-Lite FC1 at 8K tokens, skew 2: 1.10x faster wide, uniform 0.99x)
+WIDE_ROW_COST = (1.01, 1.10)
 
 
 @functools.cache
@@ -105,7 +107,7 @@ class FusedCuteKernels(GroupedTritonKernels):
     def work_tile(self, plan: RoutingPlan, fc1: bool, n: int) -> tuple[int, int]:
         """The work tile of a call of FC1 or FC2 on `plan` with weights [N, K] per expert. A 256 x 128 tile
         pads each expert's rows to a multiple of 128 instead of 256 and reads half the token traffic per
-        FLOP, for twice the decode per FLOP (FC1 ~2% slower per row, FC2 ~10%): it is picked where
+        FLOP, for twice the decode per FLOP (FC1 1-2% slower per row, FC2 ~10%): it is picked where
         its expected padded rows, times that cost, are fewer. The plan's mean rows per expert is known on
         the host (its row bound over its experts), so the choice never waits on the GPU; the spread
         around it is uniform routing's."""

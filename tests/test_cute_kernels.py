@@ -375,7 +375,6 @@ def test_routing_tables_are_built_once_per_plan():
     (4096, 6, 72, False, 2560, None, (256, 128)),  # 341: 384 against 512
     (8192, 6, 72, False, 2560, None, (128, 256)),  # 683: 768 both
     (16384, 6, 72, True, 3072, None, (256, 128)),  # V3-Lite FC1 at 16K: 1365 rows, ~1424 padded to 128s against 1536
-    (32768, 6, 72, True, 3072, None, (128, 256)),  # at 32K: 2731, both tiles pad to ~2800
     (8192, 8, 256, True, 4096, None, (256, 128)),  # V3 at 8K tokens: 256 rows per expert
     (65536, 8, 256, False, 7168, None, (128, 256)),  # V3 at 64K: 2048
     (1024, 6, 72, True, 384, None, (128, 256)),  # N not a multiple of 256: only the narrow tile fits
