@@ -7,7 +7,8 @@ A reference file (TOML, kept in results/reference/) is a list of checks:
     kind = "e2e"                                  # which result rows: e2e, accuracy, kernels or transport
     where = { strategy = "dwdp", cv = 0.2 }        # rows whose columns equal these values
     metric = "tps_per_gpu"                         # the median over those rows (repeats)...
-    relative_to = { strategy = ["ep", "ep-overlap"] }  # ...over the best median of these (optional)
+    relative_to = { strategy = ["ep", "ep-overlap"] }  # ...over the best median of these (optional;
+                                                   # a column set to "any" drops where's condition on it)
     min = 1.10                                     # bounds: min, max, and/or
     # reference = 42700, tolerance = 0.05, direction = "higher"   (fail below 42700 x 0.95)
     # gsm8k_reference = 63.71                      (fail below the one-sided test's threshold)
@@ -138,11 +139,13 @@ def evaluate(results: dict[str, pd.DataFrame], checks: list[dict]) -> list[Outco
         covered[kind] |= mask
         value = _median(df, mask, c["metric"], name)
         if "relative_to" in c:
-            # the same selection with relative_to's columns replaced: the best median among those
+            # the same selection with relative_to's columns replaced ("any": not selected on): the best
+            # median among those
+            base = {col: want for col, want in {**c["where"], **c["relative_to"]}.items() if want != "any"}
             others = []
             for col, want in c["relative_to"].items():
-                for w in want if isinstance(want, list) else [want]:
-                    m = _mask(df, {**c["where"], **c["relative_to"], col: w}, name)
+                for w in [] if want == "any" else want if isinstance(want, list) else [want]:
+                    m = _mask(df, {**base, col: w}, name)
                     if m.any():
                         others.append(_median(df, m, c["metric"], name))
             if not others:

@@ -120,3 +120,17 @@ def test_committed_h200_results_pass_their_reference_and_make_plots(tmp_path):
     done = cli("report", *map(str, kernels), "--out", str(out / "kernels"), timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| dwdp-prefetch | 238.9 |" in (out / "kernels" / "summary.md").read_text()
+
+
+def test_relative_to_any_drops_a_where_condition():
+    """relative_to's "any": the anchor is the median over every value of that column, so one outlying anchor
+    row (a dense GEMM that read 14% fast once) does not move the judged fraction."""
+    from dwdp_bench.gate import evaluate
+
+    df = pd.DataFrame({"impl": ["dense-bf16"] * 3 + ["cute"], "tokens": [1024, 8192, 32768, 8192], "stage": "fc1", "tflops": [700.0, 800.0, 680.0, 560.0]})
+    cover = {"name": "every row", "kind": "kernels", "where": {"stage": "fc1"}, "metric": "tflops", "min": 0.0}
+    check = {"name": "cute x dense", "kind": "kernels", "where": {"impl": "cute", "tokens": 8192}, "metric": "tflops", "min": 0.0}
+    same_tokens = evaluate({"kernels": df}, [{**check, "relative_to": {"impl": "dense-bf16"}}, cover])[0]
+    any_tokens = evaluate({"kernels": df}, [{**check, "relative_to": {"impl": "dense-bf16", "tokens": "any"}}, cover])[0]
+    assert same_tokens.value == pytest.approx(560 / 800)
+    assert any_tokens.value == pytest.approx(560 / 700)
