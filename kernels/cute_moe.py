@@ -49,7 +49,7 @@ Epilogues:
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
          rounding, not bitwise, and a deep random model amplifies that; and the fp32 rows it adds miss
          L2, so with the TMA loads it is also the slower form: `cute-det`'s rows + finalize measured
-         1.11-1.18x its FC2 on DeepSeek-V3-Lite shapes (on V3's, 0.92-0.96x: results/README.md).
+         1.11-1.17x its FC2 on DeepSeek-V3-Lite shapes (on V3's 1.05-1.09x: results/README.md).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers

@@ -108,14 +108,14 @@ class FusedCuteKernels(GroupedTritonKernels):
         """The work tile of a call of FC1 or FC2 on `plan` with weights [N, K] per expert. A 256 x 128 tile
         pads each expert's rows to a multiple of 128 instead of 256 and reads half the token traffic per
         FLOP, for twice the decode per FLOP (FC1 1-2% slower per row, FC2 ~10%): it is picked where
-        its expected padded rows, times that cost, are fewer. The plan's mean rows per expert is known on
-        the host (its row bound over its experts), so the choice never waits on the GPU; the spread
-        around it is uniform routing's."""
+        its expected padded rows, times that cost, are fewer. The plan's mean rows per expert (tokens x
+        top-k / experts) is known on the host, so the choice never waits on the GPU; the spread around
+        it is uniform routing's."""
         if self.tile is not None:
             return self.tile
         if n % WIDE_TILE[0]:
             return TILE_W, TILE_M
-        mean = plan.num_rows / plan.num_experts
+        mean = plan.num_tokens * plan.top_k / plan.num_experts  # without the row bound's align padding
         wide = expected_padded_rows(mean, WIDE_TILE[1]) * WIDE_ROW_COST[0 if fc1 else 1] < expected_padded_rows(mean, TILE_M)
         return WIDE_TILE if wide else (TILE_W, TILE_M)
 
@@ -189,7 +189,7 @@ class FusedCuteKernels(GroupedTritonKernels):
 class FusedDeterministicKernels(FusedCuteKernels):
     """Both fused kernels, FC2's writing each routed row's bf16 result (no scale) and the fixed-order finalize
     of kernels/grouped.py adding a token's rows times router weight / global scale: the torch reference's
-    numerics, bit-reproducible, and 1.11-1.18x cute's in-kernel reduction on DeepSeek-V3-Lite shapes (0.92-0.96x
+    numerics, bit-reproducible, and 1.11-1.17x cute's in-kernel reduction on DeepSeek-V3-Lite shapes (1.05-1.09x
     on V3's; results/README.md)."""
 
     name = "cute-det"
@@ -208,7 +208,7 @@ class FusedDeterministicKernels(FusedCuteKernels):
 class FusedFC1Kernels(FusedCuteKernels):
     """The fused FC1 with grouped's FC2 (Triton decode + torch._grouped_mm + a finalize that sums a token's k
     rows in a fixed order): bit-reproducible. The default before cute-det (whose fused FC2 with the same
-    finalize is 1.07-1.43x this FC2), kept to reproduce the results measured with it."""
+    finalize is 1.07-1.38x this FC2 from 8K tokens), kept to reproduce the results measured with it."""
 
     name = "cute-fc1"
     fused = (True, False)

@@ -127,7 +127,7 @@ def _case(e, h, inter, t, k, align, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 256, 128, 300, 2, 1), (16, 512, 256, 2048, 6, 1), (9, 256, 384, 513, 3, 16), (72, 2560, 1536, 700, 6, 1)])
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("tile", [(128, 256), (256, 128)])  # both work tiles a call can pick
+@pytest.mark.parametrize("tile", [None, (128, 256), (256, 128)])  # the per-call choice and both tiles it picks from
 @pytest.mark.parametrize("name", ["cute", "cute-det"])
 def test_cute_kernels_match_reference(shape, seed, tile, name):
     x, plan, w13, w2 = _case(*shape, seed)
@@ -205,6 +205,22 @@ def test_both_work_tiles_give_the_same_bits_from_the_same_weights(shape):
     written = int(plan.expert_offsets[-1])  # rows past the last expert are not written
     assert torch.equal(wide.fc1(x, plan, v13)[:written], h[:written])
     assert torch.equal(wide.fc2(h, plan, v2), narrow.fc2(h, plan, v2))
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+def test_default_tiles_differ_between_fc1_and_fc2_and_match_reference():
+    """V3-Lite at 16K tokens (1365 rows per expert): FC1 takes the wide tile and FC2 the narrow one on the same
+    plan (two tile tables), and cute-det's default path still matches the reference."""
+    x, plan, w13, w2 = _case(72, 2560, 1536, 16384, 6, 1, 0)
+    ref, det = get_kernels("torch", "cuda"), get_kernels("cute-det", "cuda")
+    assert det.work_tile(plan, True, 3072) == (256, 128) and det.work_tile(plan, False, 2560) == (128, 256)
+    (r13, r2), (d13, d2) = _views(ref, w13, w2), _views(det, w13, w2)
+    h_ref = ref.fc1(x, plan, r13)
+    used = plan.token_rows.flatten()
+    torch.testing.assert_close(det.fc1(x, plan, d13)[used], h_ref[used], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(det.fc2(h_ref, plan, d2), ref.fc2(h_ref, plan, r2), rtol=2e-2, atol=5e-2)
 
 
 @on_hopper
@@ -373,7 +389,7 @@ def test_routing_tables_are_built_once_per_plan():
     (1024, 6, 72, False, 2560, None, (256, 128)),  # V3-Lite at 1K tokens: 85 rows per expert, half a 256-row tile
     (2048, 6, 72, False, 2560, None, (128, 256)),  # 171: both tiles pad to 256, the wide one decodes more
     (4096, 6, 72, False, 2560, None, (256, 128)),  # 341: 384 against 512
-    (8192, 6, 72, False, 2560, None, (128, 256)),  # 683: 768 both
+    (8192, 6, 72, False, 2560, None, (128, 256)),  # 683: 760 padded to 128s against 768, times FC2's 1.10
     (16384, 6, 72, True, 3072, None, (256, 128)),  # V3-Lite FC1 at 16K: 1365 rows, ~1424 padded to 128s against 1536
     (8192, 8, 256, True, 4096, None, (256, 128)),  # V3 at 8K tokens: 256 rows per expert
     (65536, 8, 256, False, 7168, None, (128, 256)),  # V3 at 64K: 2048
@@ -388,6 +404,8 @@ def test_work_tile_picks_the_tile_with_fewer_costed_padded_rows(tokens, top_k, e
     idx = torch.arange(tokens * top_k).remainder(experts).view(tokens, top_k)
     plan = build_plan(idx, torch.rand(tokens, top_k), experts)
     assert FusedCuteKernels(tile=fixed).work_tile(plan, fc1, n) == expected
+    padded = build_plan(idx, torch.rand(tokens, top_k), experts, align=64)  # the row bound's align padding is no load
+    assert FusedCuteKernels(tile=fixed).work_tile(padded, fc1, n) == expected
 
 
 @pytest.mark.parametrize("mean", [20.0, 85.3, 256.0, 683.0, 2048.0])
