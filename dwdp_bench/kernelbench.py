@@ -27,7 +27,7 @@ from .kernels.nvfp4 import NVFP4Weights, quantize
 from .kernels.reference import decode_view, grouped_gemm
 from .runtime.config import get_config
 
-COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "stage", "impl", "ms", "tflops", "frac_ceiling", "x_vs_torch"]
+COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "stage", "impl", "ms", "tflops", "frac_ceiling", "x_vs_torch", "tile"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
     # each set's weights in its own layout, made once as at model build (not timed)
     views = {name: [WeightView([w]) for w in kern.prepare_experts(q13, q2)] for name, kern in kernels.items()}
     timings: dict[tuple[str, str], float] = {}
+    tiles: dict[tuple[str, str], str] = {}  # the work tile each fused stage picked for this case
     refused: list[str] = []
     for stage, view, experts, (k_dim, n_dim) in (("fc1", w13, q13, (h, 2 * inter)), ("fc2", w2, q2, (inter, h))):
         gemm_rows = (lambda: x[plan.row_token]) if stage == "fc1" else (lambda: hidden)
@@ -137,6 +138,8 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
                 refused.append(f"{stage} {name}: {e}")
                 continue
             timings[(stage, name)] = bench(call, device)
+            if getattr(kern, "fused", (False, False))[stage == "fc2"]:
+                tiles[(stage, name)] = "x".join(map(str, kern.work_tile(plan, stage == "fc1", n_dim)))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = []
     for (stage, impl), ms in timings.items():
@@ -146,6 +149,7 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
                 "timestamp": stamp, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": case.model,
                 "tokens": case.tokens, "skew": case.skew, "routed_rows": rows, "stage": stage, "impl": impl, "ms": ms, "tflops": tflops,
                 "frac_ceiling": timings[(stage, "dense-bf16")] / ms, "x_vs_torch": timings[(stage, "torch")] / ms if (stage, "torch") in timings else None,
+                "tile": tiles.get((stage, impl), ""),
             }
         )
     return out, refused

@@ -143,9 +143,13 @@ def build(paths: list[Path], out_dir: Path) -> Path:
         for model, part in df.groupby("model"):
             name = f"kernels-{model}.png"
             plot_kernels(part, out_dir / name, model)
-            lines += [f"![{model}]({name})", "", "| tokens | skew | stage | impl | ms | TFLOP/s | x ceiling | x torch |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"![{model}]({name})", "", "| tokens | skew | stage | impl | work tile | ms | TFLOP/s | x ceiling | x torch |", "|---|---|---|---|---|---|---|---|---|"]
             for _, r in part.sort_values(["tokens", "skew", "stage", "impl"]).iterrows():
-                lines.append(f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {r.ms:.3f} | {r.tflops:.1f} | {r.frac_ceiling:.2f} | {fmt(r.x_vs_torch, '.2f')} |")
+                tile = r.get("tile")  # fused stages only; CSVs from before the column have none
+                lines.append(
+                    f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {tile if isinstance(tile, str) else ''} | {r.ms:.3f} | {r.tflops:.1f} | "
+                    f"{r.frac_ceiling:.2f} | {fmt(r.x_vs_torch, '.2f')} |"
+                )
             lines.append("")
     if "transport" in results:
         lines += ["## transport per MoE layer and rank", "", "| model | ranks | tokens | skew | measure | MB | ms | GB/s | x peer copy | slowdown |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -98,7 +98,13 @@ def test_report_plots_kernel_results(tmp_path):
     done = cli("report", str(kernels), "--out", str(tmp_path / "report"), timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report" / "kernels-tiny.png").stat().st_size > 10_000
-    assert "| fc1 | dense-bf16 |" in (tmp_path / "report" / "summary.md").read_text()
+    assert "| fc1 | dense-bf16 |  |" in (tmp_path / "report" / "summary.md").read_text()  # no work tile: not fused
+    df = pd.read_csv(kernels)  # a fused stage's row names the work tile it ran (no fused kernels on CPU: planted)
+    df["tile"] = df["tile"].astype(object)
+    df.loc[(df.impl == "torch") & (df.stage == "fc1"), "tile"] = "256x128"
+    df.to_csv(kernels, index=False)
+    assert cli("report", str(kernels), "--out", str(tmp_path / "report"), timeout=120).returncode == 0
+    assert "| fc1 | torch | 256x128 |" in (tmp_path / "report" / "summary.md").read_text()
 
 
 def test_committed_h200_results_pass_their_reference_and_make_plots(tmp_path):

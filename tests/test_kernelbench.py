@@ -33,7 +33,8 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
 
 def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured(monkeypatch):
     """A kernel set that cannot run a stage (UnsupportedCase, as `cute`'s FC2 past 2^31 output elements)
-    loses that stage's row, not the case; any other error still ends the run."""
+    loses that stage's row, not the case; any other error still ends the run. Fused stages' rows name the
+    work tile they ran."""
     from dwdp_bench import kernelbench
     from dwdp_bench.kernels import UnsupportedCase
 
@@ -48,11 +49,22 @@ def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured
         def fc2(self, h, plan, w2):
             raise ValueError("a bug")
 
-    fakes = {"refuser": RefusesFC2, "broken": BrokenFC2}
+    class FusedFC1(torch_kernels):
+        """As `cute-fc1`: a fused FC1 whose work tile depends on the call."""
+
+        fused = (True, False)
+
+        def work_tile(self, plan, fc1, n):
+            assert fc1 and n == 2 * 32  # tiny: I = 32
+            return (256, 128) if plan.num_tokens < 64 else (128, 256)
+
+    fakes = {"refuser": RefusesFC2, "broken": BrokenFC2, "fused-fc1": FusedFC1}
     monkeypatch.setattr(kernelbench, "get_kernels", lambda name, device: fakes[name]() if name in fakes else real(name, device))
-    rows, refused = kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "refuser"])
+    rows, refused = kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "refuser", "fused-fc1"])
     measured = {(r["stage"], r["impl"]) for r in rows}
     assert ("fc1", "refuser") in measured and ("fc2", "refuser") not in measured and ("fc2", "torch") in measured
+    # the tile column: the work tile a fused stage picked for the case, empty for every other row
+    assert {(r["stage"], r["impl"]): r["tile"] for r in rows if r["tile"]} == {("fc1", "fused-fc1"): "256x128"}
     assert refused == ["fc2 refuser: this batch needs 2^32 elements"]
     with pytest.raises(ValueError, match="a bug"):
         kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "broken"])
