@@ -155,34 +155,40 @@ class FusedCuteKernels(GroupedTritonKernels):
     def fc1_into(self, x: torch.Tensor, plan: RoutingPlan, w13: WeightView, out: torch.Tensor) -> torch.Tensor:
         """FC1 into `out` [R, I]: every row of an expert is written, rows past the last expert are not."""
         check_layout(w13, self.layouts[0], f"kernels {self.name!r} FC1")
-        check_shape(True, w13.n, w13.k, x, self.work_tile(plan, True, w13.n)[0])
+        tile = self.work_tile(plan, True, w13.n)
+        check_shape(True, w13.n, w13.k, x, tile[0])
         _check_fc1_out(out, plan.num_rows, w13.n // 2)
         _check_int32_offsets(x.numel())  # its output rows are addressed in 64 bits
         if plan.num_tokens:
-            self._launch(True, x, plan, w13, 1.0 / w13.global_scales(), out)
+            self._launch(True, x, plan, w13, tile, 1.0 / w13.global_scales(), out)
         return out
 
-    def _launch(self, fc1: bool, a: torch.Tensor, plan: RoutingPlan, view: WeightView, scale: torch.Tensor, out: torch.Tensor, rows_out: bool = False) -> None:
-        """One fused kernel over the routed rows of `plan` (arguments as kernels/cute_moe.py's MoEGemmSm90 takes them)."""
+    def _launch(
+        self, fc1: bool, a: torch.Tensor, plan: RoutingPlan, view: WeightView, tile: tuple[int, int], scale: torch.Tensor, out: torch.Tensor, rows_out: bool = False
+    ) -> None:
+        """One fused kernel over the routed rows of `plan` in `tile`-sized work tiles (arguments as kernels/cute_moe.py's
+        MoEGemmSm90 takes them)."""
         codes, scales = self.pointer_tables(view)
-        tile = self.work_tile(plan, fc1, view.n)
         tiles, row_token = self.plan_tables(plan, tile[1])
         compile_gemm(fc1, view.n, view.k, *tile, rows_out=rows_out)(
             self._input(a).contiguous(), row_token, codes, scales, scale, tiles, out, _sm_count(a.device),
         )
 
-    def _check_fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> None:
+    def _fc2_tile(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> tuple[int, int]:
+        """FC2's input checks, and the call's work tile."""
         check_layout(w2, self.layouts[1], f"kernels {self.name!r} FC2")
-        check_shape(False, w2.n, w2.k, h, self.work_tile(plan, False, w2.n)[0])
+        tile = self.work_tile(plan, False, w2.n)
+        check_shape(False, w2.n, w2.k, h, tile[0])
+        return tile
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        self._check_fc2(h, plan, w2)
+        tile = self._fc2_tile(h, plan, w2)
         _check_int32_offsets(max(h.numel(), plan.num_tokens * w2.n))  # h and the fp32 output
         out = torch.zeros(plan.num_tokens, w2.n, dtype=torch.float32, device=h.device)
         if plan.num_tokens:
             coef = torch.zeros(plan.num_rows, dtype=torch.float32, device=h.device)  # padding rows add 0
             coef[plan.token_rows.reshape(-1)] = finalize_coef(plan, w2).reshape(-1)
-            self._launch(False, h, plan, w2, coef, out)
+            self._launch(False, h, plan, w2, tile, coef, out)
         return out.to(h.dtype)
 
 
@@ -195,13 +201,13 @@ class FusedDeterministicKernels(FusedCuteKernels):
     name = "cute-det"
 
     def fc2(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> torch.Tensor:
-        self._check_fc2(h, plan, w2)
+        tile = self._fc2_tile(h, plan, w2)
         if plan.num_tokens == 0:
             return h.new_zeros(0, w2.n)
         _check_int32_offsets(h.numel())  # z's rows are addressed in 64 bits
         z = torch.empty(plan.num_rows, w2.n, dtype=torch.bfloat16, device=h.device)
         coef = finalize_coef(plan, w2)
-        self._launch(False, h, plan, w2, coef.reshape(-1), z, rows_out=True)  # the kernel does not read the scale
+        self._launch(False, h, plan, w2, tile, coef.reshape(-1), z, rows_out=True)  # the kernel does not read the scale
         return self.reduce_rows(z, plan.token_rows, coef)
 
 
