@@ -144,7 +144,9 @@ def evaluate(results: dict[str, pd.DataFrame], checks: list[dict]) -> list[Outco
             base = {col: want for col, want in {**c["where"], **c["relative_to"]}.items() if want != "any"}
             others = []
             for col, want in c["relative_to"].items():
-                for w in [] if want == "any" else want if isinstance(want, list) else [want]:
+                if want == "any":
+                    continue
+                for w in want if isinstance(want, list) else [want]:
                     m = _mask(df, {**base, col: w}, name)
                     if m.any():
                         others.append(_median(df, m, c["metric"], name))
