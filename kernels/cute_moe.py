@@ -30,10 +30,11 @@ a tile of 256 weight rows x 128 tokens halves the token traffic from L2 and pads
 multiple of 128 rather than 256, but decodes twice as much per FLOP: FC1 runs about as fast per row in
 either, FC2 ~10% slower in the wide one. Both read the same fragment-ordered weights, so each call picks
 the tile whose padding costs less for its rows per expert (kernels/fused.py: `work_tile`; DeepSeek-V3 at
-8K tokens, ~256 rows per expert: FC1 17% faster). Where the time goes, bounded by throwaway variants (results/README.md): the
-token rows' gather costs FC1 ~12-19% (the same kernel over pre-permuted rows by TMA boxes runs at 0.90-0.98x
-dense; per-row TMA boxes and 2-CTA clusters sharing the gathered rows measured slower than cp.async),
-the decode 4-7%, FC1's epilogue ~5%, FC2's finalize 18-28%.
+8K tokens, ~256 rows per expert: FC1 17% faster). Where the time goes, bounded by throwaway variants
+(results/README.md): in the 128 x 256 tile the token rows' gather costs FC1 ~12-19% (the same kernel over
+pre-permuted rows by TMA boxes runs at 0.89-0.98x dense; per-row TMA boxes and 2-CTA clusters sharing the
+gathered rows measured slower than cp.async), in the 256 x 128 tile 0-3%; the decode 4-7%, FC1's epilogue
+~5%, FC2's finalize 18-28%.
 
 Epilogues:
     FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
