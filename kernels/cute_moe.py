@@ -25,14 +25,19 @@ codes and scales with one 16-byte and one 8-byte shared load per 128 rows, and d
 bytes out of four rows' words (3 prmt per word and 4 loads per step in the row layout). FC1's rows are
 stored in its work tile's order (gate and up interleaved, see weight_row).
 
-A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide;
-a tile of 256 weight rows x 128 tokens halves the token traffic from L2 and pads each expert's rows to a
-multiple of 128 rather than 256, but decodes twice as much per FLOP: FC1 runs about as fast per row in
-either, FC2 ~10% slower in the wide one. Both read the same fragment-ordered weights, so each call picks
-the tile whose padding costs less for its rows per expert (kernels/fused.py: `work_tile`; DeepSeek-V3 at
-8K tokens, ~256 rows per expert: FC1 17% faster). Where the time goes, bounded by throwaway variants
-(results/README.md): in the 128 x 256 tile the token rows' gather costs FC1 ~12-19% (the same kernel over
-pre-permuted rows by TMA boxes runs at 0.89-0.98x dense; per-row TMA boxes and 2-CTA clusters sharing the
+A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide.
+An expert's last tile runs at the narrowest token width, a multiple of 64, that covers its rows (one tiled
+MMA per width, see mainloop; FC1 gathers only those rows, FC2's TMA box still brings all 256), so whatever
+the tile an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
+DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 2-28% and FC1 1-8% faster than running every tile at full width
+(results/README.md, session 8). FC1's rows past the expert gather the rows that follow it: when they all
+re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 2x slower in tiles that were mostly
+padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but decodes twice as much:
+it is faster where an expert has about one narrow tile of rows, so each call picks one by its mean rows per
+expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
+bounded by throwaway variants (results/README.md, session 7: every tile at full width, FC1's padding rows
+re-reading the first): in the 128 x 256 tile the token rows' gather cost FC1 ~12-19% (the same kernel over
+pre-permuted rows by TMA boxes ran at 0.89-0.98x dense; per-row TMA boxes and 2-CTA clusters sharing the
 gathered rows measured slower than cp.async), in the 256 x 128 tile 0-3%; the decode 4-7%, FC1's epilogue
 ~5%, FC2's finalize 18-28%.
 
@@ -139,12 +144,16 @@ class MoEGemmSm90:
         num_ctas: cutlass.Int32,  # persistent CTAs (the SM count)
         stream,
     ):
-        # weights are the wgmma A operand, from registers; routed-token rows are B, from smem. The tiled
-        # MMA covers 128 weight rows (warpgroup g: rows 64g..64g+63); a work tile repeats it tile_w / 128
-        # times, so tile row t belongs to warpgroup (t // 64) % 2, block t // 128
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
-            (2, 1, 1), tiler_mn=(64, self.tile_m), a_source=warpgroup.OperandSource.RMEM,
+        # weights are the wgmma A operand, from registers; routed-token rows are B, from smem. A tiled MMA
+        # covers 128 weight rows (warpgroup g: rows 64g..64g+63); a work tile repeats it tile_w / 128 times,
+        # so tile row t belongs to warpgroup (t // 64) % 2, block t // 128. One tiled MMA per token width
+        # 64, 128, .., tile_m: an expert's last tile runs the narrowest that covers its rows
+        mmas = tuple(
+            sm90_utils.make_trivial_tiled_mma(
+                cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
+                (2, 1, 1), tiler_mn=(64, width), a_source=warpgroup.OperandSource.RMEM,
+            )
+            for width in self.widths()
         )
         b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.tile_w, self.tile_m, TILE_K), cutlass.BFloat16, self.stages)
         work = cute.size(mTiles, mode=[0]) * (self.n // self.tile_w)
@@ -152,14 +161,14 @@ class MoEGemmSm90:
         tma_atom, tma_x = None, None
         if cutlass.const_expr(not self.fc1):
             tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(b_layout, (None, None, 0)), (self.tile_m, TILE_K))
-        self.kernel(tiled_mma, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tma_atom, tma_x).launch(
+        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tma_atom, tma_x).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
 
     @cute.kernel
     def kernel(
         self,
-        tiled_mma: cute.TiledMma,
+        mmas: tuple,
         mA: cute.Tensor,
         mRowToken: cute.Tensor,
         mWPtr: cute.Tensor,
@@ -228,6 +237,8 @@ class MoEGemmSm90:
                 n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
                     # where this thread's rows start (see load_step); each K step adds its k offset
+                    # FC1 gathers only the 16-row groups of the tile's token width (see mainloop)
+                    x_groups = cutlass.min((row_end - row_start + 63) // 64 * 4, tile_m // 16)
                     if cutlass.const_expr(self.fc1):
                         for i in cutlass.range_constexpr(tile_m // 16):
                             x_off[i] = self.token_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
@@ -252,18 +263,24 @@ class MoEGemmSm90:
                                 with cute.arch.elect_one():
                                     cute.arch.mbarrier_arrive_and_expect_tx(bar, tile_m * TILE_K * 2)
                                 cute.copy(tma_atom, gX_tma[None, k_tile], sX_tma[None, state.index], tma_bar_ptr=bar)
-                        self.load_step(sources, (x_off, w_off, sf_off), offsets, (sX, sW, sSF), k_tile, state.index)
+                        self.load_step(sources, (x_off, w_off, sf_off), offsets, (sX, sW, sSF), k_tile, state.index, x_groups)
                         ring.producer_commit(state)
                         state.advance()
         else:
             # ---- consumers: decode the weight fragment into registers, wgmma, epilogue ----
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             ctid = tidx - PRODUCER_THREADS
-            thr_mma = tiled_mma.get_slice(ctid)
-            tCrX = tiled_mma.make_fragment_B(thr_mma.partition_B(sX))
-            frag = tiled_mma.make_fragment_A(thr_mma.partition_shape_A((tile_w, TILE_K)))
+            thr_mma = mmas[-1].get_slice(ctid)
+            frag = mmas[-1].make_fragment_A(thr_mma.partition_shape_A((tile_w, TILE_K)))
             acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_w, tile_m)), cutlass.Float32)
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            # per token width: its MMA, the stages' first `width` token rows as its B operand, and the part
+            # of the accumulators it writes (a block's elements 4i..4i+3 are tokens 8i..8i+7, see epilogue)
+            widths = []
+            for width, mma in zip(self.widths(), mmas):
+                mma.set(warpgroup.Field.ACCUMULATE, True)
+                rows = cute.make_tensor(sX.iterator, cute.make_layout(((8, width // 8), TILE_K, stages), stride=((TILE_K, 8 * TILE_K), 1, tile_m * TILE_K)))
+                part = cute.make_tensor(acc.iterator, cute.make_layout(((2, 2, width // 8), self.reps, 1), stride=((1, 2, 4), tile_m // 2, 0)))
+                widths.append((mma, mma.make_fragment_B(mma.get_slice(ctid).partition_B(rows)), part))
             luts = make_decode_luts()
             # this K step's code words [k block, j] and block-scale words [k block // 2, j] of the thread's
             # fragment (see decode_block), loaded once per step
@@ -281,31 +298,47 @@ class MoEGemmSm90:
                 if row_start < row_end:
                     self.epilogue_inputs(mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token)
                     acc.fill(0.0)
-                    for k_tile in cutlass.range(k_tiles, unroll=1):
-                        ring.consumer_wait(read)
-                        cute.arch.fence_proxy("async.shared", space="cta")
-                        for j in cutlass.range_constexpr(self.reps):
-                            cute.autovec_copy(cute.recast_tensor(sW[None, ctid, j, read.index], cutlass.Int32), codes[None, j])
-                            cute.autovec_copy(cute.recast_tensor(sSF[None, ctid // 4, j, read.index], cutlass.Int32), scale_words[None, j])
-                        # one 16-wide k block at a time: its wgmmas run while the next block decodes. The
-                        # fragment has a register slot per block; slot kb is free again once the previous K
-                        # step's block kb is done, which is what waiting for all but the 3 newest groups means
-                        for kb in cutlass.range_constexpr(TILE_K // 16):
-                            warpgroup.wait_group(3)
-                            self.decode_block(codes, scale_words, kb, frag, luts)
-                            warpgroup.fence()
-                            cute.gemm(tiled_mma, acc, frag[None, None, kb], tCrX[None, None, kb, read.index], acc)
-                            warpgroup.commit_group()
-                        if k_tile > 0:
-                            ring.consumer_release(release)  # every wgmma of the previous K step is done
-                            release.advance()
-                        read.advance()
-                    warpgroup.wait_group(0)
-                    ring.consumer_release(release)
-                    release.advance()
+                    # the narrowest width that covers the tile's rows (an expert's last tile is often narrower)
+                    narrowest = cutlass.min((row_end - row_start - 1) // 64, len(widths) - 1)
+                    for i in cutlass.range_constexpr(len(widths)):
+                        if narrowest == i:
+                            read, release = self.mainloop(widths[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
                     self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk)
             if cutlass.const_expr(not self.fc1 and not self.rows_out):
                 cute.arch.cp_async_bulk_wait_group(0)  # FC2's last bulk additions have read their smem rows
+
+    @cute.jit
+    def mainloop(self, width, frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid):
+        """A work tile's K loop at one token width (mma, its B operand, its accumulators): returns the ring
+        states past the tile's stages, all of which it releases."""
+        mma, tCrX, acc = width
+        for k_tile in cutlass.range(self.k // TILE_K, unroll=1):
+            ring.consumer_wait(read)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            for j in cutlass.range_constexpr(self.reps):
+                cute.autovec_copy(cute.recast_tensor(sW[None, ctid, j, read.index], cutlass.Int32), codes[None, j])
+                cute.autovec_copy(cute.recast_tensor(sSF[None, ctid // 4, j, read.index], cutlass.Int32), scale_words[None, j])
+            # one 16-wide k block at a time: its wgmmas run while the next block decodes. The fragment has a
+            # register slot per block; slot kb is free again once the previous K step's block kb is done,
+            # which is what waiting for all but the 3 newest groups means
+            for kb in cutlass.range_constexpr(TILE_K // 16):
+                warpgroup.wait_group(3)
+                self.decode_block(codes, scale_words, kb, frag, luts)
+                warpgroup.fence()
+                cute.gemm(mma, acc, frag[None, None, kb], tCrX[None, None, kb, read.index], acc)
+                warpgroup.commit_group()
+            if k_tile > 0:
+                ring.consumer_release(release)  # every wgmma of the previous K step is done
+                release.advance()
+            read.advance()
+        warpgroup.wait_group(0)
+        ring.consumer_release(release)
+        release.advance()
+        return read, release
+
+    def widths(self) -> tuple[int, ...]:
+        """The token widths a work tile runs at: 64, 128, .., tile_m."""
+        return tuple(range(64, self.tile_m + 1, 64))
 
     def work_item(self, mTiles, w):
         """Work item w: weight block n_blk of token tile w // n_blocks (consecutive items share a token
@@ -315,10 +348,11 @@ class MoEGemmSm90:
 
     @cute.jit
     def token_row(self, mRowToken, row_start, row_end, i):
-        """FC1: the token row that tile row i gathers; rows past the expert repeat its first row (their
-        results are never stored)."""
+        """FC1: the token row that tile row i gathers. Rows past the expert read the tokens of the rows that
+        follow (their results are never stored): one row repeated by every copy would queue them all on one
+        L2 slice. Past the last row they repeat the tile's first."""
         row = row_start + i
-        if row >= row_end:
+        if row >= cute.size(mRowToken):
             row = row_start
         return mRowToken[row]
 
@@ -347,7 +381,7 @@ class MoEGemmSm90:
         return row * (TILE_K * 2) + ((p % 8) ^ (row % 8)) * 16, p * 16, p * 4
 
     @cute.jit
-    def load_step(self, sources, src_offsets, dst_offsets, buffers, k_tile, stage):
+    def load_step(self, sources, src_offsets, dst_offsets, buffers, k_tile, stage, x_groups):
         """cp.async K step `k_tile` into `stage` (all but FC2's token rows, which come as one TMA box).
         Consecutive threads copy consecutive 16-byte chunks, so that a warp reads whole 128-byte lines (one
         thread per row would read half sectors of 32 rows per instruction, which measured ~2x slower than
@@ -362,16 +396,17 @@ class MoEGemmSm90:
         sx_off, sw_off, ssf_off = dst_offsets
         sX, sW, sSF = buffers
         tile_m, tile_w = self.tile_m, self.tile_w
-        kinds = (
-            (x_base, x_off, 2 * k_tile * TILE_K, 2, sX.iterator.toint() + stage * (tile_m * TILE_K * 2) + sx_off, 16 * TILE_K * 2, copy16, 16),
-            (w_base, w_off, k_tile * CODE_CHUNK, 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, CODE_CHUNK // 2, copy16, 16),
-            (sf_base, sf_off, k_tile * SCALE_CHUNK, 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, SCALE_CHUNK, copy4, 4),
+        kinds = (  # source, offsets, k offset, bytes per offset unit, destination, its step per copy, atom, bytes, copies
+            (x_base, x_off, 2 * k_tile * TILE_K, 2, sX.iterator.toint() + stage * (tile_m * TILE_K * 2) + sx_off, 16 * TILE_K * 2, copy16, 16, x_groups),
+            (w_base, w_off, k_tile * CODE_CHUNK, 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, CODE_CHUNK // 2, copy16, 16, tile_w // 64),
+            (sf_base, sf_off, k_tile * SCALE_CHUNK, 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, SCALE_CHUNK, copy4, 4, tile_w // 128),
         )
-        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size in kinds if self.fc1 else kinds[1:]:
+        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size, copies in kinds if self.fc1 else kinds[1:]:
             for i in cutlass.range_constexpr(cute.size(offs)):
-                src = cute.make_ptr(cutlass.Uint8, base + cutlass.Int64(offs[i]) * elem_bytes + k_bytes, cute.AddressSpace.gmem, assumed_align=size)
-                dst = cute.make_ptr(cutlass.Uint8, dst0 + i * dst_step, cute.AddressSpace.smem, assumed_align=size)
-                cute.copy(atom, cute.make_tensor(src, cute.make_layout(size)), cute.make_tensor(dst, cute.make_layout(size)))
+                if i < copies:
+                    src = cute.make_ptr(cutlass.Uint8, base + cutlass.Int64(offs[i]) * elem_bytes + k_bytes, cute.AddressSpace.gmem, assumed_align=size)
+                    dst = cute.make_ptr(cutlass.Uint8, dst0 + i * dst_step, cute.AddressSpace.smem, assumed_align=size)
+                    cute.copy(atom, cute.make_tensor(src, cute.make_layout(size)), cute.make_tensor(dst, cute.make_layout(size)))
 
     @cute.jit
     def decode_block(self, codes, scale_words, kb, frag, luts):

@@ -11,8 +11,6 @@ finalize of cute-det and EP's combine (`reduce_rows`) are the Triton one of kern
 from __future__ import annotations
 
 import functools
-import math
-from statistics import NormalDist
 
 import torch
 
@@ -25,11 +23,12 @@ from .reference import TorchReferenceKernels, finalize_coef
 _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
 _INT32_MAX = 2**31 - 1
 WIDE_TILE = (256, 128)  # the other work tile (weight rows x token rows) a call may pick, see work_tile
-# time per routed row of WIDE_TILE over the default tile's, for FC1 and FC2, where both pad experts the same
-# (one H200, DeepSeek-V3-Lite and V3 shapes, 1K-64K tokens: FC1 1.00-1.03, FC2 1.10-1.16; results/README.md).
-# FC1's is set low: skewed routing spreads expert loads far more than the uniform model below assumes, and
-# then the wide tile pads less (V3-Lite FC1 at 8K tokens, skew 2: 1.10x faster wide, uniform 0.99x)
-WIDE_ROW_COST = (1.01, 1.10)
+# the fewest mean rows per expert at which FC1 and FC2 take the default (narrow) tile rather than WIDE_TILE.
+# Below them an expert has about one narrow tile of rows, and a work item of 128 weight rows x <= 128 token rows
+# runs far below the wide tile's 256 x 128 (V3-Lite at 1K tokens: FC1 321 against 367 TFLOP/s); above them the
+# narrow tile, half the decode per FLOP, was faster in the sweep (one H200, DeepSeek-V3-Lite and V3 shapes, 1K-32K
+# tokens, results/README.md session 8) but for V3's FC1 at 32K tokens (1024 rows: wide 2.7% faster)
+NARROW_MIN_ROWS = (512, 192)
 
 
 @functools.cache
@@ -52,17 +51,6 @@ def tile_table(plan: RoutingPlan, tile_m: int = TILE_M) -> torch.Tensor:
     end = offsets[expert + 1]
     first = torch.where(index < tile_ends[-1], first, end)
     return torch.stack([expert, first, end], dim=1).to(torch.int32)
-
-
-@functools.cache
-def expected_padded_rows(mean_rows: float, tile_m: int) -> float:
-    """An expert's routed rows rounded up to whole tile_m-row tiles, expected over experts whose row counts
-    spread as uniform routing's do (binomial: about normal with sd sqrt(mean)), at 32 quantiles."""
-    if mean_rows <= 0:
-        return 0.0
-    spread = NormalDist(mean_rows, math.sqrt(mean_rows))
-    counts = (max(0, round(spread.inv_cdf((i + 0.5) / 32))) for i in range(32))
-    return sum(-(-c // tile_m) * tile_m for c in counts) / 32
 
 
 def _check_int32_offsets(largest_offset: int) -> None:
@@ -105,19 +93,17 @@ class FusedCuteKernels(GroupedTritonKernels):
         return tuple(to_fragment_order(w, fc1) if fused else w for w, fc1, fused in zip((w13, w2), (True, False), self.fused))
 
     def work_tile(self, plan: RoutingPlan, fc1: bool, n: int) -> tuple[int, int]:
-        """The work tile of a call of FC1 or FC2 on `plan` with weights [N, K] per expert. A 256 x 128 tile
-        pads each expert's rows to a multiple of 128 instead of 256 and reads half the token traffic per
-        FLOP, for twice the decode per FLOP (FC1 1-2% slower per row, FC2 ~10%): it is picked where
-        its expected padded rows, times that cost, are fewer. The plan's mean rows per expert (tokens x
-        top-k / experts) is known on the host, so the choice never waits on the GPU; the spread around
-        it is uniform routing's."""
+        """The work tile of a call of FC1 or FC2 on `plan` with weights [N, K] per expert: the narrow default
+        from NARROW_MIN_ROWS mean rows per expert (tokens x top-k / experts, known on the host, so the choice
+        never waits on the GPU), else WIDE_TILE where N fits it. Both pad an expert's rows to a multiple of 64
+        (its last tile runs at the narrowest token width that covers them), so the choice is about work per
+        tile, not padding."""
         if self.tile is not None:
             return self.tile
-        if n % WIDE_TILE[0]:
-            return TILE_W, TILE_M
         mean = plan.num_tokens * plan.top_k / plan.num_experts  # without the row bound's align padding
-        wide = expected_padded_rows(mean, WIDE_TILE[1]) * WIDE_ROW_COST[0 if fc1 else 1] < expected_padded_rows(mean, TILE_M)
-        return WIDE_TILE if wide else (TILE_W, TILE_M)
+        if n % WIDE_TILE[0] or mean >= NARROW_MIN_ROWS[0 if fc1 else 1]:
+            return TILE_W, TILE_M
+        return WIDE_TILE
 
     def plan_tables(self, plan: RoutingPlan, tile_m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The tile table of `plan` for tile_m-row tiles and its int32 row -> token map, each built once for
