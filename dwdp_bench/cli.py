@@ -318,7 +318,8 @@ def kernels(
     GEMM + finalize) per implementation, with time, TFLOP/s and the fraction of a dense bf16 matmul's
     speed with the same FLOPs (the ceiling), next to the GEMM alone on pre-decoded weights
     (torch._grouped_mm) and, on Hopper, quack's dense NVFP4 x bf16 GEMM (quack-w4a16) with the same
-    M, N, K, all measured in the same run. One CSV row per (case, stage, implementation).
+    M, N, K, all measured in the same run. One CSV row per (case, stage, implementation); the machine,
+    versions and arguments go to `<out>.env.json`.
 
     With --transport (default with >= 2 GPUs), what moves between ranks for one MoE layer: DWDP's
     prefetch as the forward pass issues it vs a plain peer copy, the GEMM slowdown it causes, and EP's
@@ -329,7 +330,8 @@ def kernels(
     from .kernelbench import COLUMNS, Case, run_case, table
     from .kernels import KERNEL_NAMES, available_kernels
     from .launcher import LaunchError, launch
-    from .results import RowWriter, check_new, sidecar
+    from .envinfo import collect
+    from .results import RowWriter, check_new, sidecar, write_json
     from .transportbench import validate
 
     p = _suite_values(ctx, kernels, suite, "kernels", locals())
@@ -370,6 +372,8 @@ def kernels(
             console.print(f"no transport cases: {e}")
             run_transport = False
     writer = RowWriter(out_path, COLUMNS)
+    args = {"models": model_names, "tokens": token_counts, "skew": skews, "impls": names, "device": str(dev), "seed": p["seed"], "transport": run_transport}
+    write_json(sidecar(out_path, "env"), {"command": "kernels", "args": args, "env": collect()})
     rows = []
     cases = [Case(m, t, s) for m in model_names for t in token_counts for s in skews]
     for i, case in enumerate(cases):

@@ -2,6 +2,7 @@
 W4A16 baseline reads our NVFP4 layout as it is (its GEMM on a Hopper GPU)."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
     done = cli("kernels", "--device", "cpu", "--tokens", "32,80", "--skew", "0,2", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "k.transport.csv").exists()  # transport cases are off by default without 2 GPUs
+    env = json.loads((tmp_path / "k.env.json").read_text())  # the machine and versions beside the rows
+    assert env["command"] == "kernels" and env["args"]["tokens"] == [32, 80] and env["env"]["packages"]["torch"]
     rows = list(csv.DictReader(out.open()))
     cases = {(r["tokens"], r["skew"]) for r in rows}
     assert cases == {("32", "0"), ("32", "2"), ("80", "0"), ("80", "2")}
