@@ -27,11 +27,11 @@ stored in its work tile's order (gate and up interleaved, see weight_row).
 
 A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide.
 An expert's last tile runs at the narrowest token width, a multiple of 64, that covers its rows (one tiled
-MMA per width, see mainloop; FC1 gathers only those rows, FC2's TMA box still brings all 256), so whatever
+MMA per width, see mainloop; FC1 gathers only those rows, FC2's TMA box still brings the full tile's), so whatever
 the tile an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
-DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 2-28% and FC1 1-8% faster than running every tile at full width
+DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 1-28% and FC1 1-8% faster than running every tile at full width
 (results/README.md, session 8). FC1's rows past the expert gather the rows that follow it: when they all
-re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 2x slower in tiles that were mostly
+re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 1.9x slower where tiles were mostly
 padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but decodes twice as much:
 it is faster where an expert has about one narrow tile of rows, so each call picks one by its mean rows per
 expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
