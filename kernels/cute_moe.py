@@ -99,6 +99,8 @@ BLOCK = 16  # NVFP4 block: one e4m3 scale per 16 k
 CODE_CHUNK = 128 * TILE_K // 2  # bytes of packed codes of 128 weight rows per K step (fragment order)
 SCALE_CHUNK = 128 * TILE_K // BLOCK  # bytes of their block scales
 LOG2E = 1.4426950408889634
+WIDTH_STEP = 64  # token widths of a work tile's MMA: WIDTH_STEP, 2 x WIDTH_STEP, .., tile_m (see mainloop). At 32 ptxas
+# serializes the wgmmas of the 128 x 256 tile's 8 main loop copies (C7512: insufficient registers)
 FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a time: 8192 / tile_w token rows
 
 
@@ -238,7 +240,7 @@ class MoEGemmSm90:
                 if row_start < row_end:
                     # where this thread's rows start (see load_step); each K step adds its k offset
                     # FC1 gathers only the 16-row groups of the tile's token width (see mainloop)
-                    x_groups = cutlass.min((row_end - row_start + 63) // 64 * 4, tile_m // 16)
+                    x_groups = cutlass.min((row_end - row_start + WIDTH_STEP - 1) // WIDTH_STEP * (WIDTH_STEP // 16), tile_m // 16)
                     if cutlass.const_expr(self.fc1):
                         for i in cutlass.range_constexpr(tile_m // 16):
                             x_off[i] = self.token_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
@@ -299,7 +301,7 @@ class MoEGemmSm90:
                     self.epilogue_inputs(mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token)
                     acc.fill(0.0)
                     # the narrowest width that covers the tile's rows (an expert's last tile is often narrower)
-                    narrowest = cutlass.min((row_end - row_start - 1) // 64, len(widths) - 1)
+                    narrowest = cutlass.min((row_end - row_start - 1) // WIDTH_STEP, len(widths) - 1)
                     for i in cutlass.range_constexpr(len(widths)):
                         if narrowest == i:
                             read, release = self.mainloop(widths[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
@@ -337,8 +339,8 @@ class MoEGemmSm90:
         return read, release
 
     def widths(self) -> tuple[int, ...]:
-        """The token widths a work tile runs at: 64, 128, .., tile_m."""
-        return tuple(range(64, self.tile_m + 1, 64))
+        """The token widths a work tile runs at: WIDTH_STEP, 2 x WIDTH_STEP, .., tile_m."""
+        return tuple(range(WIDTH_STEP, self.tile_m + 1, WIDTH_STEP))
 
     def work_item(self, mTiles, w):
         """Work item w: weight block n_blk of token tile w // n_blocks (consecutive items share a token
