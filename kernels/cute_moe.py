@@ -14,7 +14,7 @@ stages:
                          raw stage, from addresses worked out once per work tile; the stage is full when
                          the cp.async arrivals and the TMA bytes have landed
     2 consumer warpgroups  per 16-wide k block: decode the fragment's word with quack's lookup, scale
-                         (bf16x2 multiply), then wgmma m64n256k16 RS, so that a block's wgmmas run while
+                         (bf16x2 multiply), then wgmma m64nNk16 RS (N the tile's token width), so that a block's wgmmas run while
                          the next block decodes
 
 The weights are read in the fragment order (`to_fragment_order`, applied once when the model is built:
@@ -55,7 +55,7 @@ Epilogues:
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
          rounding, not bitwise, and a deep random model amplifies that; and the fp32 rows it adds miss
          L2, so with the TMA loads it is also the slower form: `cute-det`'s rows + finalize measured
-         1.11-1.17x its FC2 on DeepSeek-V3-Lite shapes (on V3's 1.05-1.09x: results/README.md).
+         1.08-1.14x its FC2 on DeepSeek-V3-Lite shapes from 4K tokens (on V3's 0.96-1.11x: results/README.md).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
@@ -88,7 +88,7 @@ from .interface import UnsupportedCase
 from .nvfp4 import ROWS, NVFP4Weights, check_layout
 
 TILE_W = 128  # weight rows per work tile: 2 consumer warpgroups x 64 (FC1: gate and up rows)
-TILE_M = 256  # routed-token rows per work tile (the wgmma N)
+TILE_M = 256  # routed-token rows per work tile (the widest wgmma N)
 TILE_K = 64
 STAGES = 4
 PRODUCER_THREADS = 128  # warpgroup 0: loads only (cp.async; FC2's token rows by TMA)
@@ -100,7 +100,7 @@ CODE_CHUNK = 128 * TILE_K // 2  # bytes of packed codes of 128 weight rows per K
 SCALE_CHUNK = 128 * TILE_K // BLOCK  # bytes of their block scales
 LOG2E = 1.4426950408889634
 WIDTH_STEP = 64  # token widths of a work tile's MMA: WIDTH_STEP, 2 x WIDTH_STEP, .., tile_m (see mainloop). At 32 ptxas
-# serializes the wgmmas of the 128 x 256 tile's 8 main loop copies (C7512: insufficient registers)
+# serializes every kernel's wgmmas (C7512: insufficient registers)
 FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a time: 8192 / tile_w token rows
 
 
@@ -127,7 +127,7 @@ class MoEGemmSm90:
         check_shape(fc1, n, k, tile_w=tile_w)
         if fc1 and rows_out:
             raise ValueError("rows_out is FC2's: FC1 always writes its SwiGLU rows")
-        if tile_w not in (128, 256) or tile_m % 64 or not 64 <= tile_m <= 256:
+        if tile_w not in (128, 256) or tile_m % WIDTH_STEP or not 64 <= tile_m <= 256:
             raise ValueError(f"tile {tile_w} x {tile_m}: the weight rows must be 128 or 256, the token rows 64, 128, 192 or 256")
         self.fc1, self.n, self.k, self.tile_w, self.tile_m, self.stages = fc1, n, k, tile_w, tile_m, stages
         self.rows_out = rows_out  # FC2: write each routed row's bf16 result [R, N] instead of adding into token order
@@ -243,7 +243,7 @@ class MoEGemmSm90:
                     x_groups = cutlass.min((row_end - row_start + WIDTH_STEP - 1) // WIDTH_STEP * (WIDTH_STEP // 16), tile_m // 16)
                     if cutlass.const_expr(self.fc1):
                         for i in cutlass.range_constexpr(tile_m // 16):
-                            x_off[i] = self.token_row(mRowToken, row_start, row_end, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
+                            x_off[i] = self.token_row(mRowToken, row_start, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
                     else:
                         # the tile's rows from row_start on (rows past the expert's end are read but never
                         # stored; past the tensor's end TMA fills zeros): stage s <- box (row_start, 64 k)
@@ -275,14 +275,15 @@ class MoEGemmSm90:
             thr_mma = mmas[-1].get_slice(ctid)
             frag = mmas[-1].make_fragment_A(thr_mma.partition_shape_A((tile_w, TILE_K)))
             acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_w, tile_m)), cutlass.Float32)
-            # per token width: its MMA, the stages' first `width` token rows as its B operand, and the part
-            # of the accumulators it writes (a block's elements 4i..4i+3 are tokens 8i..8i+7, see epilogue)
-            widths = []
+            # per token width: its MMA, the stages' first `width` token rows as its B operand, and the part of
+            # the accumulators it writes (each 64-row block's first width / 2 elements: element 4i + e is of
+            # token group 8i..8i+7, see epilogue)
+            variants = []
             for width, mma in zip(self.widths(), mmas):
                 mma.set(warpgroup.Field.ACCUMULATE, True)
                 rows = cute.make_tensor(sX.iterator, cute.make_layout(((8, width // 8), TILE_K, stages), stride=((TILE_K, 8 * TILE_K), 1, tile_m * TILE_K)))
                 part = cute.make_tensor(acc.iterator, cute.make_layout(((2, 2, width // 8), self.reps, 1), stride=((1, 2, 4), tile_m // 2, 0)))
-                widths.append((mma, mma.make_fragment_B(mma.get_slice(ctid).partition_B(rows)), part))
+                variants.append((mma, mma.make_fragment_B(mma.get_slice(ctid).partition_B(rows)), part))
             luts = make_decode_luts()
             # this K step's code words [k block, j] and block-scale words [k block // 2, j] of the thread's
             # fragment (see decode_block), loaded once per step
@@ -301,19 +302,19 @@ class MoEGemmSm90:
                     self.epilogue_inputs(mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token)
                     acc.fill(0.0)
                     # the narrowest width that covers the tile's rows (an expert's last tile is often narrower)
-                    narrowest = cutlass.min((row_end - row_start - 1) // WIDTH_STEP, len(widths) - 1)
-                    for i in cutlass.range_constexpr(len(widths)):
+                    narrowest = cutlass.min((row_end - row_start - 1) // WIDTH_STEP, len(variants) - 1)
+                    for i in cutlass.range_constexpr(len(variants)):
                         if narrowest == i:
-                            read, release = self.mainloop(widths[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
+                            read, release = self.mainloop(variants[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
                     self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk)
             if cutlass.const_expr(not self.fc1 and not self.rows_out):
                 cute.arch.cp_async_bulk_wait_group(0)  # FC2's last bulk additions have read their smem rows
 
     @cute.jit
-    def mainloop(self, width, frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid):
-        """A work tile's K loop at one token width (mma, its B operand, its accumulators): returns the ring
+    def mainloop(self, variant, frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid):
+        """A work tile's K loop at one token width, `variant` = (its mma, B operand, accumulators): returns the ring
         states past the tile's stages, all of which it releases."""
-        mma, tCrX, acc = width
+        mma, tCrX, acc = variant
         for k_tile in cutlass.range(self.k // TILE_K, unroll=1):
             ring.consumer_wait(read)
             cute.arch.fence_proxy("async.shared", space="cta")
@@ -349,7 +350,7 @@ class MoEGemmSm90:
         return w % (self.n // self.tile_w), mTiles[m_blk, 0], mTiles[m_blk, 1], mTiles[m_blk, 2]
 
     @cute.jit
-    def token_row(self, mRowToken, row_start, row_end, i):
+    def token_row(self, mRowToken, row_start, i):
         """FC1: the token row that tile row i gathers. Rows past the expert read the tokens of the rows that
         follow (their results are never stored): one row repeated by every copy would queue them all on one
         L2 slice. Past the last row they repeat the tile's first."""

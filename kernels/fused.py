@@ -23,11 +23,12 @@ from .reference import TorchReferenceKernels, finalize_coef
 _POINTER_CACHE_SIZE = 4096  # entries of 16 x E bytes; DeepSeek-V3 needs 2 per MoE layer (116)
 _INT32_MAX = 2**31 - 1
 WIDE_TILE = (256, 128)  # the other work tile (weight rows x token rows) a call may pick, see work_tile
-# the fewest mean rows per expert at which FC1 and FC2 take the default (narrow) tile rather than WIDE_TILE.
-# Below them an expert has about one narrow tile of rows, and a work item of 128 weight rows x <= 128 token rows
-# runs far below the wide tile's 256 x 128 (V3-Lite at 1K tokens: FC1 321 against 367 TFLOP/s); above them the
-# narrow tile, half the decode per FLOP, was faster in the sweep (one H200, DeepSeek-V3-Lite and V3 shapes, 1K-32K
-# tokens, results/README.md session 8) but for V3's FC1 at 32K tokens (1024 rows: wide 2.7% faster)
+# the fewest mean rows per expert at which FC1 and FC2 take the default (narrow) tile rather than WIDE_TILE. With
+# fewer, a work item of 128 weight rows x the few token rows of an expert runs far below the wide tile's 256 x 128
+# (V3-Lite at 1K tokens, 85 rows: FC1 321 against 367 TFLOP/s); the wide tile measured faster up to 341 rows for
+# FC1 (V3-Lite 4K tokens; V3 8K, 256) and 85 for FC2, the narrow one from 683 for FC1 and 256 for FC2 (one H200,
+# DeepSeek-V3-Lite and V3 shapes, 1K-64K tokens, results/README.md session 8), but for V3's FC1 at 32K tokens (1024
+# rows: wide 2.7% faster) and V3-Lite at 4K tokens with skew 2 (the other tile 2-3% faster for both stages)
 NARROW_MIN_ROWS = (512, 192)
 
 
@@ -181,8 +182,8 @@ class FusedCuteKernels(GroupedTritonKernels):
 class FusedDeterministicKernels(FusedCuteKernels):
     """Both fused kernels, FC2's writing each routed row's bf16 result (no scale) and the fixed-order finalize
     of kernels/grouped.py adding a token's rows times router weight / global scale: the torch reference's
-    numerics, bit-reproducible, and 1.11-1.17x cute's in-kernel reduction on DeepSeek-V3-Lite shapes (1.05-1.09x
-    on V3's; results/README.md)."""
+    numerics, bit-reproducible, and 1.08-1.14x cute's in-kernel reduction on DeepSeek-V3-Lite shapes from 4K tokens
+    (0.96-1.11x on V3's; results/README.md)."""
 
     name = "cute-det"
 
@@ -200,7 +201,7 @@ class FusedDeterministicKernels(FusedCuteKernels):
 class FusedFC1Kernels(FusedCuteKernels):
     """The fused FC1 with grouped's FC2 (Triton decode + torch._grouped_mm + a finalize that sums a token's k
     rows in a fixed order): bit-reproducible. The default before cute-det (whose fused FC2 with the same
-    finalize is 1.07-1.38x this FC2 from 8K tokens), kept to reproduce the results measured with it."""
+    finalize is 1.08-1.43x this FC2 from 8K tokens), kept to reproduce the results measured with it."""
 
     name = "cute-fc1"
     fused = (True, False)

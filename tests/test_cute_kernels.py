@@ -424,7 +424,8 @@ def test_routing_tables_are_built_once_per_plan():
     (1024, 6, 72, True, 3072, (128, 256), (128, 256)),  # a fixed tile is every call's
 ])
 def test_work_tile_is_narrow_from_its_mean_rows_per_expert(tokens, top_k, experts, fc1, n, fixed, expected):
-    """The choices the H200 sweep measured faster (results/README.md), from the host-side row bound alone."""
+    """The rule's choices from the host-side row bound alone (results/README.md has the H200 sweep behind it;
+    V3-Lite at 2K tokens, 171 rows, was not in it)."""
     pytest.importorskip("triton")
     from dwdp_bench.kernels.fused import FusedCuteKernels
 
