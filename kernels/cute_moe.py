@@ -149,7 +149,7 @@ class MoEGemmSm90:
         # weights are the wgmma A operand, from registers; routed-token rows are B, from smem. A tiled MMA
         # covers 128 weight rows (warpgroup g: rows 64g..64g+63); a work tile repeats it tile_w / 128 times,
         # so tile row t belongs to warpgroup (t // 64) % 2, block t // 128. One tiled MMA per token width
-        # 64, 128, .., tile_m: an expert's last tile runs the narrowest that covers its rows
+        # in widths(): an expert's last tile runs the narrowest that covers its rows
         mmas = tuple(
             sm90_utils.make_trivial_tiled_mma(
                 cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
@@ -239,8 +239,8 @@ class MoEGemmSm90:
                 n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
                 if row_start < row_end:
                     # where this thread's rows start (see load_step); each K step adds its k offset
-                    # FC1 gathers only the 16-row groups of the tile's token width (see mainloop)
-                    x_groups = cutlass.min((row_end - row_start + WIDTH_STEP - 1) // WIDTH_STEP * (WIDTH_STEP // 16), tile_m // 16)
+                    # FC1 gathers only the 16-row groups of the tile's token width
+                    x_groups = (self.width_index(row_end - row_start) + 1) * (WIDTH_STEP // 16)
                     if cutlass.const_expr(self.fc1):
                         for i in cutlass.range_constexpr(tile_m // 16):
                             x_off[i] = self.token_row(mRowToken, row_start, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
@@ -301,8 +301,7 @@ class MoEGemmSm90:
                 if row_start < row_end:
                     self.epilogue_inputs(mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token)
                     acc.fill(0.0)
-                    # the narrowest width that covers the tile's rows (an expert's last tile is often narrower)
-                    narrowest = cutlass.min((row_end - row_start - 1) // WIDTH_STEP, len(variants) - 1)
+                    narrowest = self.width_index(row_end - row_start)  # an expert's last tile is often narrower
                     for i in cutlass.range_constexpr(len(variants)):
                         if narrowest == i:
                             read, release = self.mainloop(variants[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
@@ -342,6 +341,11 @@ class MoEGemmSm90:
     def widths(self) -> tuple[int, ...]:
         """The token widths a work tile runs at: WIDTH_STEP, 2 x WIDTH_STEP, .., tile_m."""
         return tuple(range(WIDTH_STEP, self.tile_m + 1, WIDTH_STEP))
+
+    def width_index(self, rows):
+        """Which of widths() a work tile holding `rows` (>= 1) rows of its expert runs at: the narrowest that
+        covers them. The producer gathers that many rows (FC1) and the consumers run that width's MMA."""
+        return cutlass.min((rows - 1) // WIDTH_STEP, self.tile_m // WIDTH_STEP - 1)
 
     def work_item(self, mTiles, w):
         """Work item w: weight block n_blk of token tile w // n_blocks (consecutive items share a token
