@@ -214,8 +214,9 @@ def test_both_work_tiles_give_the_same_bits_from_the_same_weights(shape):
 @pytest.mark.parametrize("tile", [(128, 256), (256, 128)])
 @pytest.mark.parametrize("name", ["cute", "cute-det"])
 def test_last_tiles_of_every_token_width_match_reference(tile, name):
-    """An expert's last work tile runs at the narrowest token width (64, 128, ..) that covers its rows: experts
-    whose last tile holds 1, 63, 64, 65, .., 256 rows, and one with none, each get their own exact result."""
+    """A work tile runs at the narrowest token width (64, 128, ..) that covers its rows: experts of 1, 63, 64,
+    65, .., 256 rows (one tile of each width), of 257-449 rows (split evenly over several tiles, see tile_table)
+    and one with none each get their own exact result."""
     counts = [1, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 0, 257, 320, 449]
     e, h, inter = len(counts), 256, 256
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -361,8 +362,8 @@ def test_weights_in_another_layout_are_refused():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("tokens,align", [(1, 1), (300, 1), (1000, 16), (0, 1)])
-@pytest.mark.parametrize("tile_m", [64, 256])
+@pytest.mark.parametrize("tokens,align", [(1, 1), (300, 1), (1000, 16), (3000, 1), (0, 1)])
+@pytest.mark.parametrize("tile_m", [64, 192, 256])
 def test_tile_table_covers_every_expert_row_once(tokens, align, seed, tile_m):
     pytest.importorskip("triton")
     from dwdp_bench.kernels.fused import tile_table
@@ -375,13 +376,20 @@ def test_tile_table_covers_every_expert_row_once(tokens, align, seed, tile_m):
     table = tile_table(plan, tile_m)
     assert table.dtype == torch.int32 and table.shape == ((plan.num_rows + tile_m - 1) // tile_m + e, 3)
     covered = torch.zeros(plan.num_rows, dtype=torch.long)
+    steps = {}  # expert -> its tiles' widths in 64-row steps, in table order
     for expert, first, end in table.tolist():
         if first >= end:
             continue  # padding entry
-        assert plan.expert_offsets[expert] <= first < end == plan.expert_offsets[expert + 1]
-        assert (first - plan.expert_offsets[expert]) % tile_m == 0
-        covered[first : min(first + tile_m, end)] += 1
+        start = int(plan.expert_offsets[expert])
+        assert start <= first < end <= plan.expert_offsets[expert + 1] and end - first <= tile_m
+        assert (first - start) % 64 == 0
+        covered[first:end] += 1
+        steps.setdefault(expert, []).append(-(-(end - first) // 64))
     assert (covered[: int(plan.expert_offsets[-1])] == 1).all()
+    for expert, widths in steps.items():
+        rows = int(plan.expert_offsets[expert + 1] - plan.expert_offsets[expert])
+        assert len(widths) == -(-rows // tile_m) and sum(widths) == -(-rows // 64)  # the fewest tiles, no added padding
+        assert widths == sorted(widths, reverse=True) and widths[0] - widths[-1] <= 1, widths  # even, widest first
 
 
 @needs_cute
