@@ -26,13 +26,14 @@ bytes out of four rows' words (3 prmt per word and 4 loads per step in the row l
 stored in its work tile's order (gate and up interleaved, see weight_row).
 
 A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide.
-An expert's last tile runs at the narrowest token width, a multiple of 64, that covers its rows (one tiled
-MMA per width, see mainloop; FC1 gathers only those rows, FC2's TMA box still brings the full tile's), so whatever
-the tile an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
+A tile runs at the narrowest token width, a multiple of 64, that covers its rows (one tiled MMA per width,
+see mainloop; FC1 gathers only those rows, FC2 loads them as a TMA box of that width), so whatever the tile
+an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
 DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 1-28% and FC1 1-8% faster than running every tile at full width
-(results/README.md, session 8). FC1's rows past the expert gather the rows that follow it: when they all
-re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 1.9x slower where tiles were mostly
-padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but decodes twice as much:
+(results/README.md, session 8), and FC2's rows kernel another 1-14% since its box has the tile's width rather
+than the full tile's (session 9). The tile table splits an expert's rows evenly over its tiles (kernels/fused.py:
+`tile_table`). FC1's rows past a tile gather the rows that follow it: when they all re-read the tile's first
+row, queueing on one L2 slice, FC1 ran up to 1.9x slower where tiles were mostly padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but decodes twice as much:
 it is faster where an expert has about one narrow tile of rows, so each call picks one by its mean rows per
 expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
 bounded by throwaway variants (results/README.md, session 7: every tile at full width, FC1's padding rows
@@ -141,7 +142,7 @@ class MoEGemmSm90:
         mWPtr: cute.Tensor,  # [E] int64: base address of expert e's packed codes [N, K/2]
         mSFPtr: cute.Tensor,  # [E] int64: base address of expert e's block scales [N, K/16]
         mScale: cute.Tensor,  # FC1: [E] fp32 1/global scale; FC2: [R] fp32 router weight / global scale (unread with rows_out)
-        mTiles: cute.Tensor,  # [tiles, 3] int32: expert, first row, end row (exclusive) of the expert
+        mTiles: cute.Tensor,  # [tiles, 3] int32: expert, first row, end row (exclusive) of each work tile
         mOut: cute.Tensor,  # FC1: [R, N/2] bf16; FC2: [T, N] fp32, accumulated into; FC2 rows_out: [R, N] bf16
         num_ctas: cutlass.Int32,  # persistent CTAs (the SM count)
         stream,
@@ -149,7 +150,7 @@ class MoEGemmSm90:
         # weights are the wgmma A operand, from registers; routed-token rows are B, from smem. A tiled MMA
         # covers 128 weight rows (warpgroup g: rows 64g..64g+63); a work tile repeats it tile_w / 128 times,
         # so tile row t belongs to warpgroup (t // 64) % 2, block t // 128. One tiled MMA per token width
-        # in widths(): an expert's last tile runs the narrowest that covers its rows
+        # in widths(): a tile runs the narrowest that covers its rows
         mmas = tuple(
             sm90_utils.make_trivial_tiled_mma(
                 cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
@@ -157,13 +158,17 @@ class MoEGemmSm90:
             )
             for width in self.widths()
         )
-        b_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.tile_w, self.tile_m, TILE_K), cutlass.BFloat16, self.stages)
+        b_layout = self.rows_layout(self.tile_m)
         work = cute.size(mTiles, mode=[0]) * (self.n // self.tile_w)
-        # FC2's token rows are contiguous per expert: one TMA box per K step (FC1 gathers them with cp.async)
-        tma_atom, tma_x = None, None
+        # FC2's token rows are contiguous per expert: one TMA box per K step of the tile's token width (a copy
+        # atom per width; FC1 gathers them with cp.async)
+        tmas = None
         if cutlass.const_expr(not self.fc1):
-            tma_atom, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(b_layout, (None, None, 0)), (self.tile_m, TILE_K))
-        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tma_atom, tma_x).launch(
+            tmas = tuple(
+                cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(self.rows_layout(width), (None, None, 0)), (width, TILE_K))
+                for width in self.widths()
+            )
+        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tmas).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
 
@@ -179,8 +184,7 @@ class MoEGemmSm90:
         mTiles: cute.Tensor,
         mOut: cute.Tensor,
         b_layout: cute.ComposedLayout,
-        tma_atom: cute.CopyAtom,
-        tma_x: cute.Tensor,
+        tmas: tuple,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
@@ -240,15 +244,11 @@ class MoEGemmSm90:
                 if row_start < row_end:
                     # where this thread's rows start (see load_step); each K step adds its k offset
                     # FC1 gathers only the 16-row groups of the tile's token width
-                    x_groups = (self.width_index(row_end - row_start) + 1) * (WIDTH_STEP // 16)
+                    narrowest = self.width_index(row_end - row_start)
+                    x_groups = (narrowest + 1) * (WIDTH_STEP // 16)
                     if cutlass.const_expr(self.fc1):
                         for i in cutlass.range_constexpr(tile_m // 16):
                             x_off[i] = self.token_row(mRowToken, row_start, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
-                    else:
-                        # the tile's rows from row_start on (rows past the expert's end are read but never
-                        # stored; past the tensor's end TMA fills zeros): stage s <- box (row_start, 64 k)
-                        gX = cute.local_tile(cute.domain_offset((row_start, 0), tma_x), (tile_m, TILE_K), (0, None))
-                        sX_tma, gX_tma = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
                     for i in cutlass.range_constexpr(tile_w // 64):
                         w_off[i] = (n_blk * self.reps + i // 2) * k_tiles * CODE_CHUNK + (i % 2) * (CODE_CHUNK // 2) + tidx * 16
                     for i in cutlass.range_constexpr(tile_w // 128):
@@ -261,10 +261,9 @@ class MoEGemmSm90:
                             # the box's bytes; the DSL issues the copy from one elected lane of the whole warp (an
                             # `if tidx == 0` around it never issues and hangs the kernel)
                             if warp == 0:
-                                bar = ring.producer_get_barrier(state)
-                                with cute.arch.elect_one():
-                                    cute.arch.mbarrier_arrive_and_expect_tx(bar, tile_m * TILE_K * 2)
-                                cute.copy(tma_atom, gX_tma[None, k_tile], sX_tma[None, state.index], tma_bar_ptr=bar)
+                                for i in cutlass.range_constexpr(len(tmas)):
+                                    if narrowest == i:
+                                        self.load_rows(tmas[i], self.widths()[i], sX, row_start, k_tile, state.index, ring.producer_get_barrier(state))
                         self.load_step(sources, (x_off, w_off, sf_off), offsets, (sX, sW, sSF), k_tile, state.index, x_groups)
                         ring.producer_commit(state)
                         state.advance()
@@ -301,7 +300,7 @@ class MoEGemmSm90:
                 if row_start < row_end:
                     self.epilogue_inputs(mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token)
                     acc.fill(0.0)
-                    narrowest = self.width_index(row_end - row_start)  # an expert's last tile is often narrower
+                    narrowest = self.width_index(row_end - row_start)  # an expert's last tiles are often narrower
                     for i in cutlass.range_constexpr(len(variants)):
                         if narrowest == i:
                             read, release = self.mainloop(variants[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
@@ -338,6 +337,23 @@ class MoEGemmSm90:
         release.advance()
         return read, release
 
+    def load_rows(self, tma, width: int, sX, row_start, k_tile, stage, bar):
+        """FC2: K step k_tile of the tile's token rows from row_start on, as one TMA box of the copy atom's width
+        (rows past the tile's end are read but never stored; past the tensor's end TMA fills zeros) into the
+        first rows of `stage`, completing on `bar` with the box's bytes."""
+        atom, rows = tma
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(bar, width * TILE_K * 2)
+        gX = cute.local_tile(cute.domain_offset((row_start, 0), rows), (width, TILE_K), (0, k_tile))
+        sXw = cute.local_tile(sX[None, None, stage], (width, TILE_K), (0, 0))
+        sX_tma, gX_tma = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sXw, 0, 2), cute.group_modes(gX, 0, 2))
+        cute.copy(atom, gX_tma, sX_tma, tma_bar_ptr=bar)
+
+    def rows_layout(self, width: int):
+        """The smem ring of token rows at one token width: `stages` x (width rows x TILE_K) bf16 in wgmma's 128-byte
+        swizzle (rows of 128 bytes, so the first w rows of a stage are the w-row layout's stage)."""
+        return sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (self.tile_w, width, TILE_K), cutlass.BFloat16, self.stages)
+
     def widths(self) -> tuple[int, ...]:
         """The token widths a work tile runs at: WIDTH_STEP, 2 x WIDTH_STEP, .., tile_m."""
         return tuple(range(WIDTH_STEP, self.tile_m + 1, WIDTH_STEP))
@@ -355,13 +371,10 @@ class MoEGemmSm90:
 
     @cute.jit
     def token_row(self, mRowToken, row_start, i):
-        """FC1: the token row that tile row i gathers. Rows past the expert read the tokens of the rows that
+        """FC1: the token row that tile row i gathers. Rows past the tile read the tokens of the rows that
         follow (their results are never stored): one row repeated by every copy would queue them all on one
-        L2 slice. Past the last row they repeat the tile's first."""
-        row = row_start + i
-        if row >= cute.size(mRowToken):
-            row = row_start
-        return mRowToken[row]
+        L2 slice. Past the last row they wrap around to the first rows."""
+        return mRowToken[(row_start + i) % cute.size(mRowToken)]
 
     def swiglu_column(self, t):
         """FC1: the output column, within the work tile's tile_w / 2, of weight tile row t. Tile rows
@@ -435,7 +448,7 @@ class MoEGemmSm90:
     @cute.jit
     def epilogue_inputs(self, mRowToken, mScale, ctid, expert, row_start, row_end, epi_scale, epi_token):
         """FC1: epi_scale[0] = 1 / the expert's global scale. FC2's finalize: the token and coefficient of tile
-        row ctid, the row this thread adds (see epilogue); 0 past the expert's rows. rows_out: nothing."""
+        row ctid, the row this thread adds (see epilogue); 0 past the tile's rows. rows_out: nothing."""
         if cutlass.const_expr(self.fc1):
             epi_scale[0] = mScale[expert]
         elif cutlass.const_expr(not self.rows_out):
