@@ -56,7 +56,7 @@ Epilogues:
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
          rounding, not bitwise, and a deep random model amplifies that; and the fp32 rows it adds miss
          L2, so with the TMA loads it is also the slower form: `cute-det`'s rows + finalize measured
-         1.08-1.14x its FC2 on DeepSeek-V3-Lite shapes from 4K tokens (on V3's 0.96-1.11x: results/README.md).
+         1.07-1.17x its FC2 on DeepSeek-V3-Lite shapes from 4K tokens (on V3's 0.99-1.10x: results/README.md, session 9).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers
