@@ -30,11 +30,12 @@ A tile runs at the narrowest token width, a multiple of 64, that covers its rows
 see mainloop; FC1 gathers only those rows, FC2 loads them as a TMA box of that width), so whatever the tile
 an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
 DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 1-28% and FC1 1-8% faster than running every tile at full width
-(results/README.md, session 8), and FC2's rows kernel another 1-14% since its box has the tile's width rather
-than the full tile's (session 9). The tile table splits an expert's rows evenly over its tiles (kernels/fused.py:
-`tile_table`). FC1's rows past a tile gather the rows that follow it: when they all re-read the tile's first
-row, queueing on one L2 slice, FC1 ran up to 1.9x slower where tiles were mostly padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but decodes twice as much:
-it is faster where an expert has about one narrow tile of rows, so each call picks one by its mean rows per
+(results/README.md, session 8). FC2's rows kernel gained another 1-14% (V3-Lite 4K-32K and V3 8K-16K tokens,
+session 9) when its box took the tile's width rather than the full tile's. The tile table splits an expert's
+rows evenly over its tiles (kernels/fused.py: `tile_table`). FC1's rows past a tile gather the rows that follow
+it: when they all re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 1.9x slower where
+tiles were mostly padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but
+decodes twice as much: it is faster where an expert has about one narrow tile of rows, so each call picks one by its mean rows per
 expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
 bounded by throwaway variants (results/README.md, session 7: every tile at full width, FC1's padding rows
 re-reading the first): in the 128 x 256 tile the token rows' gather cost FC1 ~12-19% (the same kernel over
