@@ -34,6 +34,29 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
             assert float(r["frac_ceiling"]) == 1.0
 
 
+@pytest.mark.parametrize("call_ms,timed_again", [(0.5, False), (9.0, False), (11.0, True), (55.0, True)])
+def test_long_gpu_calls_are_timed_over_enough_calls(monkeypatch, call_ms, timed_again):
+    """do_bench times rep / (a call's estimated time) calls, one for DeepSeek-V3's 55 ms FC1 at 64K tokens:
+    calls longer than rep / MIN_CALLS are timed again over MIN_CALLS calls, and that median is the result."""
+    triton_testing = pytest.importorskip("triton.testing")
+    from dwdp_bench.kernelbench import MIN_CALLS, bench
+
+    reps = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "median"
+        reps.append(rep)
+        return call_ms if len(reps) == 1 else call_ms * 0.9  # the second, longer timing reads differently
+
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    ms = bench(lambda: None, torch.device("cuda"))
+    assert reps[0] == 100
+    if timed_again:
+        assert reps[1:] == [call_ms * MIN_CALLS] and ms == pytest.approx(call_ms * 0.9)
+    else:
+        assert reps == [100] and ms == call_ms
+
+
 def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured(monkeypatch):
     """A kernel set that cannot run a stage (UnsupportedCase, as `cute`'s FC2 past 2^31 output elements)
     loses that stage's row, not the case; any other error still ends the run. Fused stages' rows name the
