@@ -10,7 +10,8 @@ grouped GEMM + finalize), each implementation's median time and TFLOP/s, next to
                         in registers costs a dense GEMM, the bar for the grouped kernels
 
 FLOPs count only the rows tokens use (2 x rows x N x K). Inputs are fresh random data (never zeros);
-GPU times are CUDA-event medians from triton.testing.do_bench after warm-up, over at least MIN_CALLS calls.
+GPU times are CUDA-event medians from triton.testing.do_bench after warm-up, over about MIN_CALLS calls at
+the least.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ MIN_CALLS = 10  # timed calls behind a GPU median at the least
 
 def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median milliseconds per call. On a GPU, triton's do_bench times rep_ms / (its estimate of a call) calls,
-    a single one for calls over half of rep_ms (DeepSeek-V3's FC1 at 64K tokens takes ~55 ms): such calls are
-    timed again over MIN_CALLS of them."""
+    a single one for calls over half of rep_ms (DeepSeek-V3's FC1 at 64K tokens takes ~55 ms): calls over
+    rep_ms / MIN_CALLS are timed again over about MIN_CALLS of them (do_bench divides by its own estimate)."""
     if device.type == "cuda":
         import triton.testing
 

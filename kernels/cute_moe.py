@@ -14,8 +14,8 @@ stages:
                          raw stage, from addresses worked out once per work tile; the stage is full when
                          the cp.async arrivals and the TMA bytes have landed
     2 consumer warpgroups  per 16-wide k block: decode the fragment's word with quack's lookup, scale
-                         (bf16x2 multiply), then wgmma m64nNk16 RS (N the tile's token width), so that a block's wgmmas run while
-                         the next block decodes
+                         (bf16x2 multiply), then wgmma m64nNk16 RS (N the tile's token width), so
+                         that a block's wgmmas run while the next block decodes
 
 The weights are read in the fragment order (`to_fragment_order`, applied once when the model is built:
 the kernel sets' `prepare_experts`): per 128 weight rows of a work tile and K step, a 4 KB chunk of
@@ -35,8 +35,8 @@ session 9) when its box took the tile's width rather than the full tile's. The t
 rows evenly over its tiles (kernels/fused.py: `tile_table`). FC1's rows past a tile gather the rows that follow
 it: when they all re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 1.9x slower where
 tiles were mostly padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but
-decodes twice as much: it is faster where an expert has about one narrow tile of rows, so each call picks one by its mean rows per
-expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
+decodes twice as much: it is faster where an expert has about one narrow tile of rows, so each call picks
+one by its mean rows per expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
 bounded by throwaway variants (results/README.md, session 7: every tile at full width, FC1's padding rows
 re-reading the first): in the 128 x 256 tile the token rows' gather cost FC1 ~12-19% (the same kernel over
 pre-permuted rows by TMA boxes ran at 0.89-0.98x dense; per-row TMA boxes and 2-CTA clusters sharing the
