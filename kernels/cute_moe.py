@@ -45,11 +45,16 @@ gathered rows measured slower than cp.async), in the 256 x 128 tile 0-3%; the de
 
 Epilogues:
     FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
-         r + 8 are the gate and the up of one output column: h = silu(g / s) * (u / s), bf16, staged in
-         smem and stored 16 bytes at a time.
-    FC2  (rows_out, `cute-det`) z as bf16 into the routed row's [R, N] output, staged in smem and stored
-         16 bytes at a time; a fixed-order finalize (kernels/grouped.py) then adds each token's rows
-         times router weight / global scale, as the torch reference does: bit-reproducible.
+         r + 8 are the gate and the up of one output column: h = silu(g / s) * (u / s), bf16.
+    FC2  (rows_out, `cute-det`) z as bf16 into the routed row's [R, N] output; a fixed-order finalize
+         (kernels/grouped.py) then adds each token's rows times router weight / global scale, as the torch
+         reference does: bit-reproducible.
+         Both write their bf16 tile into smem by transposing stmatrix (8 x 8 blocks of accumulators become
+         token rows) as 64 x 64 TMA boxes, and the tile's whole 64-token groups leave by TMA stores that run
+         on during the next tile's main loop (its last rows, fewer than 64, by 16-byte stores). Against
+         scalar smem stores and every row stored by the consumers: FC2's rows kernel +1-8%, FC1 -2.5 to
+         +2.7% on DeepSeek-V3-Lite shapes (1K-32K tokens), both +2-6% on V3's (8K, 16K); skipping the
+         epilogue altogether would gain another 2-12% (results/README.md, session 10).
     FC2  (`cute`) z * coef[row] (router weight / global scale) into smem rows of the tile's output columns, 32 KB
          at a time through two buffers; each token row is then added into out[token] by one
          bulk asynchronous fp32 reduction (cp.reduce.async.bulk .add.f32, the copy engine does the
@@ -169,7 +174,11 @@ class MoEGemmSm90:
                 cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(self.rows_layout(width), (None, None, 0)), (width, TILE_K))
                 for width in self.widths()
             )
-        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tmas).launch(
+        # FC1 and FC2 rows_out: the tile's whole 64-row groups leave by TMA stores of 64 x 64 boxes
+        store = None
+        if cutlass.const_expr(self.fc1 or self.rows_out):
+            store = tuple(cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileS2GOp(), mOut, cute.slice_(self.out_boxes_layout(), (None, None, 0)), (64, 64)))
+        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tmas, store).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
 
@@ -186,6 +195,7 @@ class MoEGemmSm90:
         mOut: cute.Tensor,
         b_layout: cute.ComposedLayout,
         tmas: tuple,
+        store: tuple,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
@@ -206,15 +216,12 @@ class MoEGemmSm90:
         sSF = smem.allocate_tensor(
             cutlass.Uint8, cute.make_layout((8, CONSUMER_THREADS // 4, self.reps, stages), stride=(1, 8, SCALE_CHUNK, tile_w * TILE_K // BLOCK)), 16
         )
-        # the epilogues go through smem (rows padded by 16 bytes against bank conflicts): FC1 stages its bf16
-        # output tile per consumer warpgroup and FC2 with rows_out the whole tile's, so that rows leave in
-        # 16-byte stores; FC2's finalize transposes its accumulators 64 tokens at a time so that a thread owns
-        # 4 consecutive columns of one token
-        if cutlass.const_expr(self.fc1):
-            cols = tile_w // 4
-            sEpi = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((2, tile_m, cols), stride=(tile_m * (cols + 8), cols + 8, 1)), 16)
-        elif cutlass.const_expr(self.rows_out):
-            sEpi = smem.allocate_tensor(cutlass.BFloat16, cute.make_layout((tile_m, tile_w), stride=(tile_w + 8, 1)), 16)
+        # the epilogues go through smem: FC1 and FC2 with rows_out stage the bf16 output tile as TMA boxes (see
+        # store_tile); FC2's finalize transposes its accumulators 64 tokens at a time (rows padded by 16 bytes
+        # against bank conflicts) so that a thread owns 4 consecutive columns of one token
+        if cutlass.const_expr(self.fc1 or self.rows_out):
+            boxes = self.out_boxes_layout()
+            sEpi = smem.allocate_tensor(cutlass.BFloat16, boxes.outer, 1024, boxes.inner)
         else:
             chunk = FC2_CHUNK_FLOATS // tile_w
             sEpi = (
@@ -305,9 +312,8 @@ class MoEGemmSm90:
                     for i in cutlass.range_constexpr(len(variants)):
                         if narrowest == i:
                             read, release = self.mainloop(variants[i], frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid)
-                    self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk)
-            if cutlass.const_expr(not self.fc1 and not self.rows_out):
-                cute.arch.cp_async_bulk_wait_group(0)  # FC2's last bulk additions have read their smem rows
+                    self.epilogue(acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk, store)
+            cute.arch.cp_async_bulk_wait_group(0)  # the last TMA stores (FC2's finalize: bulk additions) have read their smem
 
     @cute.jit
     def mainloop(self, variant, frag, codes, scale_words, luts, sW, sSF, ring, read, release, ctid):
@@ -316,7 +322,8 @@ class MoEGemmSm90:
         mma, tCrX, acc = variant
         for k_tile in cutlass.range(self.k // TILE_K, unroll=1):
             ring.consumer_wait(read)
-            cute.arch.fence_proxy("async.shared", space="cta")
+            if cutlass.const_expr(self.fc1):
+                cute.arch.fence_proxy("async.shared", space="cta")  # the wgmmas read cp.async's token rows (FC2's come by TMA)
             for j in cutlass.range_constexpr(self.reps):
                 cute.autovec_copy(cute.recast_tensor(sW[None, ctid, j, read.index], cutlass.Int32), codes[None, j])
                 cute.autovec_copy(cute.recast_tensor(sSF[None, ctid // 4, j, read.index], cutlass.Int32), scale_words[None, j])
@@ -349,6 +356,56 @@ class MoEGemmSm90:
         sXw = cute.local_tile(sX[None, None, stage], (width, TILE_K), (0, 0))
         sX_tma, gX_tma = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sXw, 0, 2), cute.group_modes(gX, 0, 2))
         cute.copy(atom, gX_tma, sX_tma, tma_bar_ptr=bar)
+
+    def out_columns(self) -> int:
+        """Output columns of a work tile (FC1: SwiGLU halves the weight rows; FC2 rows_out: one per weight row)."""
+        return self.tile_w // 2 if self.fc1 else self.tile_w
+
+    def out_boxes_layout(self):
+        """FC1's and FC2 rows_out's smem output tile: (tile_m / 64) x (out_columns / 64) boxes of 64 tokens x 64
+        columns bf16 in the 128-byte swizzle (TMA's), box c * (tile_m / 64) + q holding tokens 64 q .. and
+        columns 64 c .. (see out_box_address)."""
+        return sm90_utils.make_smem_layout_epi(cutlass.BFloat16, LayoutEnum.ROW_MAJOR, (64, 64), (self.tile_m // 64) * (self.out_columns() // 64))
+
+    def out_box_address(self, sEpi, token, column):
+        """The smem address of out_boxes_layout's 8 columns from `column` (a multiple of 8) of `token`: a
+        token's 64 columns of a box are 128 bytes, whose 16-byte chunk c sits at chunk c ^ (token % 8)."""
+        return sEpi.iterator.toint() + ((column // 64) * self.tile_m + token) * 128 + (((column % 64) // 8) ^ (token % 8)) * 16
+
+    @cute.jit
+    def store_tile(self, store, sEpi, mOut, ctid, row_start, row_end, n_blk):
+        """The smem output tile (out_boxes_layout, written by every consumer) -> out rows row_start .. row_end - 1,
+        columns n_blk x out_columns ..: its whole 64-token groups by TMA stores from one warp, which run on while
+        the next tile's main loop does (the next epilogue waits for them to have read sEpi), and its last rows
+        (fewer than 64: a box would write into the next tile's) in 16-byte stores."""
+        rows = row_end - row_start
+        full = rows // 64
+        cols = self.out_columns()
+        cute.arch.fence_proxy("async.shared", space="cta")  # TMA reads the tile through the async proxy
+        cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
+        if ctid < 32:
+            for q in cutlass.range_constexpr(self.tile_m // 64):
+                if q < full:
+                    for c in cutlass.range_constexpr(cols // 64):
+                        self.store_box(store, sEpi[None, None, c * (self.tile_m // 64) + q], row_start + 64 * q, n_blk * cols + 64 * c)
+            cute.arch.cp_async_bulk_commit_group()
+        chunks = cols // 8
+        for step in cutlass.range_constexpr(64 * chunks // CONSUMER_THREADS):
+            m = full * 64 + ctid // chunks + (CONSUMER_THREADS // chunks) * step
+            if m < rows:
+                part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
+                src = cute.make_ptr(cutlass.BFloat16, self.out_box_address(sEpi, m, (ctid % chunks) * 8), cute.AddressSpace.smem, assumed_align=16)
+                cute.autovec_copy(cute.make_tensor(src, cute.make_layout(8)), part)
+                # 64-bit row addresses: FC2's [R, N] passes 2^31 elements at DeepSeek-V3's 64K tokens
+                dst = mOut.iterator.toint() + (cutlass.Int64(row_start + m) * cute.size(mOut, mode=[1]) + n_blk * cols + (ctid % chunks) * 8) * 2
+                cute.autovec_copy(part, cute.make_tensor(cute.make_ptr(cutlass.BFloat16, dst, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
+
+    def store_box(self, store, sBox, row, col):
+        """A TMA store of one 64 x 64 smem box to out[row .., col ..] (issued by one elected lane of the calling warp)."""
+        atom, out = store
+        gBox = cute.local_tile(cute.domain_offset((row, col), out), (64, 64), (0, 0))
+        s_part, g_part = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sBox, 0, 2), cute.group_modes(gBox, 0, 2))
+        cute.copy(atom, s_part, g_part)
 
     def rows_layout(self, width: int):
         """The smem ring of token rows at one token width: `stages` x (width rows x TILE_K) bf16 in wgmma's 128-byte
@@ -461,59 +518,47 @@ class MoEGemmSm90:
                 epi_scale[0] = mScale[row]
 
     @cute.jit
-    def store_rows(self, tile, mOut, first_chunk, run_stride, threads, t, barrier_id, row_start, row_end):
-        """A bf16 smem tile [tile_m, 8 x chunks] -> out rows row_start + m (those before row_end), in 16-byte
-        stores by `threads` threads (this one is t), between the barrier that makes the tile's writes visible
-        and the one after which it may be written again. The tile's 8-column chunks go to out's chunks in runs
-        of 4 from first_chunk, consecutive runs run_stride chunks apart (4: one contiguous span)."""
-        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
-        chunks = cute.size(tile, mode=[1]) // 8
-        for s in cutlass.range_constexpr(self.tile_m * chunks // threads):
-            m = t // chunks + (threads // chunks) * s
-            row = row_start + m
-            if row < row_end:
-                part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
-                cute.autovec_copy(cute.local_tile(tile[m, None], (8,), (t % chunks,)), part)
-                # the row's address in 64 bits: FC2's [R, N] rows pass 2^31 elements at DeepSeek-V3's 64K tokens
-                cols = cute.size(mOut, mode=[1])
-                row_ptr = cute.make_ptr(mOut.element_type, mOut.iterator.toint() + cutlass.Int64(row) * (cols * mOut.element_type.width // 8), cute.AddressSpace.gmem, assumed_align=16)
-                out_row = cute.make_tensor(row_ptr, cute.make_layout(cols))
-                cute.autovec_copy(part, cute.local_tile(out_row, (8,), (first_chunk + (t % chunks) // 4 * run_stride + t % 4,)))
-        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=threads)
-
-    @cute.jit
-    def epilogue(self, acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk):
+    def epilogue(self, acc, thr_mma, epi_scale, epi_token, mOut, sEpi, ctid, row_start, row_end, n_blk, store):
         """Accumulator element (weight tile row t, token row m) -> the output. Per block of 64 weight rows
         a thread holds rows t and t + 8 for the same token columns: elements 4i, 4i+1 and 4i+2, 4i+3
         (tokens 8i + 2q, + 1), the block's tile_m / 2 elements after the previous block's."""
         tile_m = self.tile_m
-        coords = thr_mma.partition_C(cute.make_identity_tensor((self.tile_w, tile_m)))
-        g = ctid // 128
-        i = ctid % 128
-        if cutlass.const_expr(self.fc1):
-            # h = silu(gate / s) * (up / s) into this warpgroup's smem tile (its 32 columns of each 128-row
-            # block side by side, see swiglu_column), then out in 16-byte stores
-            inv_scale = epi_scale[0]
-            for idx in cutlass.range_constexpr(cute.size(acc)):
-                if cutlass.const_expr(idx % 4 < 2):
-                    t, m = coords[idx]
-                    gate = acc[idx] * inv_scale
-                    up = acc[idx + 2] * inv_scale
-                    sig = cute.arch.rcp_approx(1.0 + cute.math.exp2(gate * -LOG2E, fastmath=True))
-                    column = self.swiglu_column(t)
-                    sEpi[g, m, (column // 64) * 32 + column % 32] = (gate * sig * up).to(cutlass.BFloat16)
-            self.store_rows(sEpi[g, None, None], mOut, n_blk * (self.tile_w // 16) + g * 4, 8, 128, i, 1 + g, row_start, row_end)
-        elif cutlass.const_expr(self.rows_out):
-            # z (no scale: the finalize applies router weight / global scale) as bf16 into the smem tile,
-            # then each row of the tile leaves in 16-byte stores to its routed row
-            for idx in cutlass.range_constexpr(cute.size(acc)):
-                t, m = coords[idx]
-                sEpi[m, t] = acc[idx].to(cutlass.BFloat16)
-            self.store_rows(sEpi, mOut, n_blk * (self.tile_w // 8), 4, CONSUMER_THREADS, ctid, 1, row_start, row_end)
+        lane = ctid % 32
+        if cutlass.const_expr(self.fc1 or self.rows_out):
+            if ctid < 32:  # the warp that issues the TMA stores: the previous tile's have read sEpi
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
+            for j in cutlass.range_constexpr(self.reps):
+                if cutlass.const_expr(self.fc1):
+                    # h = silu(gate / s) * (up / s): a thread's h of tile rows t (gate), t + 8 (up) and tokens m,
+                    # m + 1 is element (row t % 8, columns m % 8, + 1) of an 8 x 8 block of the 8 output columns
+                    # of t (see swiglu_column: 64 j + 32 g + 8 w .. for warp w of warpgroup g), and 4 consecutive
+                    # 8-token blocks leave by one transposing stmatrix (lane l addresses token 32 p + l)
+                    for p in cutlass.range_constexpr(tile_m // 32):
+                        h = []
+                        for e in cutlass.range_constexpr(8):
+                            idx = (tile_m // 2) * j + 16 * p + 4 * (e // 2) + e % 2
+                            gate = acc[idx] * epi_scale[0]
+                            up = acc[idx + 2] * epi_scale[0]
+                            sig = cute.arch.rcp_approx(1.0 + cute.math.exp2(gate * -LOG2E, fastmath=True))
+                            h.append(gate * sig * up)
+                        store_trans_x4(self.out_box_address(sEpi, 32 * p + lane, 64 * j + 8 * (ctid // 32)), h)
+                else:
+                    # z (no scale: the finalize applies router weight / global scale): a thread's elements 8p ..
+                    # 8p + 7 of each 64-row block are, two by two, element (row t % 8, columns m % 8, + 1) of the
+                    # 8 x 8 blocks (rows t, t + 8) x (tokens 16p .. + 7, 16p + 8 .. + 15), which leave by one
+                    # transposing stmatrix (lane l addresses token 16 p + l % 8 + 8 (l // 16) of rows from
+                    # t - t % 8 + 8 ((l // 8) % 2))
+                    for p in cutlass.range_constexpr(tile_m // 16):
+                        z = [acc[(tile_m // 2) * j + 8 * p + e] for e in range(8)]
+                        token = 16 * p + lane % 8 + 8 * (lane // 16)
+                        store_trans_x4(self.out_box_address(sEpi, token, 128 * j + 16 * (ctid // 32) + 8 * ((lane // 8) % 2)), z)
+            self.store_tile(store, sEpi, mOut, ctid, row_start, row_end, n_blk)
         else:
             # finalize: z * coef[token] into smem rows of tile_w output columns, a chunk of tokens at a
             # time through two buffers; then each token's row is added into out[token] by one bulk
             # asynchronous fp32 reduction, issued by the thread of that tile row (no per-thread atomics)
+            coords = thr_mma.partition_C(cute.make_identity_tensor((self.tile_w, tile_m)))
             rows, coefs = sEpi
             chunk = FC2_CHUNK_FLOATS // self.tile_w
             own = ctid // chunk  # the chunk holding tile row ctid, the row this thread adds
@@ -556,6 +601,20 @@ def bulk_add_f32(dst: cutlass.Int64, src: cutlass.Int32, nbytes: int, *, loc=Non
         has_side_effects=True, loc=loc, ip=ip,
     )
 
+
+@dsl_user_op
+def store_trans_x4(addr: cutlass.Int32, values: list, *, loc=None, ip=None) -> None:
+    """Four 8 x 8 bf16 blocks into smem, transposed, by one warp (stmatrix .x4 .trans): this thread's `values`
+    2q, 2q + 1 (fp32, rounded to bf16) are element (row l // 4, columns 2 (l % 4), + 1) of block q, and lane l
+    gives the 16-byte aligned smem address at which column l % 8 of block l // 8 is stored as 8 contiguous
+    bf16 (its rows 0..7)."""
+    llvm.inline_asm(
+        None, [cutlass.Int32(addr).ir_value(loc=loc, ip=ip)] + [cutlass.Float32(v).ir_value(loc=loc, ip=ip) for v in values],
+        "{.reg .b32 r0, r1, r2, r3; cvt.rn.bf16x2.f32 r0, $2, $1; cvt.rn.bf16x2.f32 r1, $4, $3; "
+        "cvt.rn.bf16x2.f32 r2, $6, $5; cvt.rn.bf16x2.f32 r3, $8, $7; "
+        "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [$0], {r0, r1, r2, r3};}",
+        "r,f,f,f,f,f,f,f,f,~{memory}", has_side_effects=True, loc=loc, ip=ip,
+    )
 
 @dsl_user_op
 def e4m3x2_to_bf16x2(pairs: cutlass.Int32, high: bool, *, loc=None, ip=None) -> cutlass.Int32:
