@@ -54,7 +54,7 @@ Epilogues:
          on during the next tile's main loop (its last rows, fewer than 64, by 16-byte stores). Against
          scalar smem stores and every row stored by the consumers: FC2's rows kernel +1-8%, FC1 -2.5 to
          +2.7% on DeepSeek-V3-Lite shapes (1K-32K tokens), both +2-6% on V3's (8K, 16K); skipping the
-         epilogue altogether would gain another 2-12% (results/README.md, session 10).
+         epilogue altogether would gain another 0.4-10% (results/README.md, session 10).
     FC2  (`cute`) z * coef[row] (router weight / global scale) into smem rows of the tile's output columns, 32 KB
          at a time through two buffers; each token row is then added into out[token] by one
          bulk asynchronous fp32 reduction (cp.reduce.async.bulk .add.f32, the copy engine does the
@@ -62,7 +62,7 @@ Epilogues:
          The order of a token's k additions depends on timing, so FC2 is reproducible to fp32
          rounding, not bitwise, and a deep random model amplifies that; and the fp32 rows it adds miss
          L2, so with the TMA loads it is also the slower form: `cute-det`'s rows + finalize measured
-         1.07-1.17x its FC2 on DeepSeek-V3-Lite shapes from 4K tokens (on V3's 0.99-1.10x: results/README.md, session 9).
+         1.12-1.24x its FC2 on DeepSeek-V3-Lite shapes from 4K tokens (on V3's 1.06-1.10x: results/README.md, session 10).
 
 The weight view is a table of per-expert base pointers (packed codes, block scales): local experts in
 place and prefetched experts in their buffer are read where they are, with no merge copy. Pointers

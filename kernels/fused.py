@@ -193,8 +193,8 @@ class FusedCuteKernels(GroupedTritonKernels):
 class FusedDeterministicKernels(FusedCuteKernels):
     """Both fused kernels, FC2's writing each routed row's bf16 result (no scale) and the fixed-order finalize
     of kernels/grouped.py adding a token's rows times router weight / global scale: the torch reference's
-    numerics, bit-reproducible, and 1.07-1.17x cute's in-kernel reduction on DeepSeek-V3-Lite shapes from 4K tokens
-    (0.99-1.10x on V3's; results/README.md, session 9)."""
+    numerics, bit-reproducible, and 1.12-1.24x cute's in-kernel reduction on DeepSeek-V3-Lite shapes from 4K tokens
+    (1.06-1.10x on V3's; results/README.md, session 10)."""
 
     name = "cute-det"
 
@@ -212,7 +212,7 @@ class FusedDeterministicKernels(FusedCuteKernels):
 class FusedFC1Kernels(FusedCuteKernels):
     """The fused FC1 with grouped's FC2 (Triton decode + torch._grouped_mm + a finalize that sums a token's k
     rows in a fixed order): bit-reproducible. The default before cute-det (whose fused FC2 with the same
-    finalize is 1.07-1.47x this FC2 from 8K tokens, session 9), kept to reproduce the results measured with it."""
+    finalize is 1.14-1.52x this FC2 from 8K tokens, session 10), kept to reproduce the results measured with it."""
 
     name = "cute-fc1"
     fused = (True, False)
