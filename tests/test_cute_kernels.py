@@ -169,8 +169,7 @@ def test_cute_fc1_is_cutes_fc1_and_groupeds_fc2_bit_for_bit(seed):
 def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile):
     """FC2's rows_out kernel writes every expert row of a NaN-poisoned [R, N] with the GEMM's bf16 result
     (against the decoded weights' grouped GEMM), and cute-det's FC2 is the same bits run after run."""
-    from dwdp_bench.kernels.cute_moe import compile_gemm
-    from dwdp_bench.kernels.fused import FusedDeterministicKernels, _sm_count
+    from dwdp_bench.kernels.fused import FusedDeterministicKernels
     from dwdp_bench.kernels.reference import decode_view, grouped_gemm
 
     _, plan, w13, w2 = _case(*shape, seed)
@@ -178,9 +177,7 @@ def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile
     (_, d2), (_, r2) = _views(det, w13, w2), _views(ref, w13, w2)
     h = torch.randn(plan.num_rows, w2.shape[2], device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)).bfloat16()
     z = torch.full((plan.num_rows, w2.shape[1]), float("nan"), dtype=torch.bfloat16, device="cuda")
-    codes, scales = det.pointer_tables(d2)
-    tiles, row_token = det.plan_tables(plan, tile[1])
-    compile_gemm(False, w2.shape[1], w2.shape[2], *tile, rows_out=True)(h, row_token, codes, scales, w2.global_scale, tiles, z, _sm_count(h.device))
+    det._launch(False, h, plan, d2, tile, w2.global_scale, z, rows_out=True)
     written = int(plan.expert_offsets[-1])
     assert torch.isfinite(z[:written]).all() and torch.isnan(z[written:]).all()  # rows past the last expert untouched
     z_ref = grouped_gemm(h, decode_view(r2, torch.bfloat16), plan)
@@ -256,9 +253,9 @@ def test_default_tiles_differ_between_fc1_and_fc2_and_match_reference():
 @pytest.mark.gpu
 def test_rows_past_2_31_output_elements_land_in_their_rows():
     """cute-det's FC2 rows [R, N] are addressed in 64 bits: with R x N > 2^31 the last rows hold their own
-    results (32-bit offsets would wrap and leave them NaN). FC1's rows go through the same store_rows."""
-    from dwdp_bench.kernels.cute_moe import TILE_M, compile_gemm
-    from dwdp_bench.kernels.fused import FusedDeterministicKernels, _sm_count
+    results (32-bit offsets would wrap and leave them NaN). FC1's rows go through the same store_tile."""
+    from dwdp_bench.kernels.cute_moe import TILE_M, TILE_W
+    from dwdp_bench.kernels.fused import FusedDeterministicKernels
 
     g = torch.Generator(device="cuda").manual_seed(0)
     e, n, inter, t = 2, 2560, 256, 860_000  # R x N = 2.2e9 > 2^31
@@ -269,9 +266,7 @@ def test_rows_past_2_31_output_elements_land_in_their_rows():
     _, d2 = _views(det, w13, w2)
     h = torch.randn(t, inter, device="cuda", generator=g).bfloat16()
     z = torch.full((t, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    codes, scales = det.pointer_tables(d2)
-    tiles, row_token = det.plan_tables(plan, TILE_M)
-    compile_gemm(False, n, inter, rows_out=True)(h, row_token, codes, scales, w2.global_scale, tiles, z, _sm_count(h.device))
+    det._launch(False, h, plan, d2, (TILE_W, TILE_M), w2.global_scale, z, rows_out=True)
     assert torch.isfinite(z).all()
     decoded = decode(w2).float()
     for first in (0, t - 4096):  # the first rows and the last, past 2^31 elements
