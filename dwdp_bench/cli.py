@@ -312,6 +312,7 @@ def kernels(
     ranks: Optional[int] = typer.Option(None, help="Ranks of the transport cases: GPUs (one rank each), or CPU ranks with --device cpu. Default: every visible GPU; 2 CPU ranks."),
     out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: `results/kernels-<UTC time>.csv`."),
     seed: int = typer.Option(0, help="Seed of the random inputs and weights."),
+    rounds: int = typer.Option(1, help="Timings of each implementation per case and stage, taken round-robin across the implementations (each round starting one later); a row's ms is their median and its `spread` column (max - min) / median. The baselines are timed once."),
     timeout: float = typer.Option(300.0, help="Seconds a transport rank may go without progress before the run is declared hung and stopped."),
 ) -> None:
     """MoE kernel microbenchmarks on one device: FC1 (gather + grouped GEMM + SwiGLU) and FC2 (grouped
@@ -342,6 +343,8 @@ def kernels(
     model_names = [m.strip() for m in (p["models"] or ("deepseek-v3-lite,deepseek-v3" if gpu else "tiny")).split(",") if m.strip()]
     token_counts = [int(t) for t in _csv_floats(p["tokens"] or ("1024,8192,32768,65536" if gpu else "64,256"), "--tokens")]
     skews = _csv_floats(p["skew"], "--skew")
+    if p["rounds"] < 1:
+        _fail(f"--rounds must be at least 1, got {p['rounds']}")
     runnable = available_kernels(dev)
     names = [n for n in runnable if n != "cute-fc1"]  # its FC1 and FC2 are timed as cute's and grouped's
     if p["impls"]:
@@ -372,13 +375,13 @@ def kernels(
             console.print(f"no transport cases: {e}")
             run_transport = False
     writer = RowWriter(out_path, COLUMNS)
-    args = {"models": model_names, "tokens": token_counts, "skew": skews, "impls": names, "device": str(dev), "seed": p["seed"], "transport": run_transport}
+    args = {"models": model_names, "tokens": token_counts, "skew": skews, "impls": names, "device": str(dev), "seed": p["seed"], "rounds": p["rounds"], "transport": run_transport}
     write_json(sidecar(out_path, "env"), {"command": "kernels", "args": args, "env": collect()})
     rows = []
     cases = [Case(m, t, s) for m in model_names for t in token_counts for s in skews]
     for i, case in enumerate(cases):
         console.print(f"[{i + 1}/{len(cases)}] {case.model} tokens={case.tokens} skew={case.skew:g}")
-        case_rows, refused = run_case(case, dev, names, p["seed"])
+        case_rows, refused = run_case(case, dev, names, p["seed"], p["rounds"])
         for row in case_rows:
             writer.write(row)
             rows.append(row)

@@ -11,7 +11,10 @@ grouped GEMM + finalize), each implementation's median time and TFLOP/s, next to
 
 FLOPs count only the rows tokens use (2 x rows x N x K). Inputs are fresh random data (never zeros);
 GPU times are CUDA-event medians from triton.testing.do_bench after warm-up, over about MIN_CALLS calls at
-the least.
+the least. With rounds > 1 each implementation is timed that many times, round-robin across the
+implementations of the stage (each round starting one later, so none always runs first): `ms` is the
+median of its readings and `spread` (max - min) / median, how far one reading can be trusted (the same
+kernel has read 10% apart in two single readings of one run, results/README.md session 10).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import torch
 from rich.table import Table
 
 from .kernels import UnsupportedCase, WeightView, build_plan, get_kernels
+from .results import fmt
 from .kernels.nvfp4 import NVFP4Weights, quantize
 from .kernels.reference import decode_view, grouped_gemm
 from .runtime.config import get_config
 
-COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "stage", "impl", "ms", "tflops", "frac_ceiling", "x_vs_torch", "tile"]
+COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "stage", "impl", "ms", "tflops", "frac_ceiling", "x_vs_torch", "tile", "spread"]
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,11 @@ def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device
     return out
 
 
-def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) -> tuple[list[dict], list[str]]:
+def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0, rounds: int = 1) -> tuple[list[dict], list[str]]:
     """The case's rows, and a line per implementation and stage that cannot run the case (UnsupportedCase:
     e.g. a kernel's 32-bit offsets on a large batch): the others are still measured; any other error ends
-    the run."""
+    the run. Each implementation is timed `rounds` times, round-robin (see the module docstring); the
+    baselines once."""
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -134,21 +139,33 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
     views = {name: [WeightView([w]) for w in kern.prepare_experts(q13, q2)] for name, kern in kernels.items()}
     timings: dict[tuple[str, str], float] = {}
     tiles: dict[tuple[str, str], str] = {}  # the work tile each fused stage picked for this case
+    spreads: dict[tuple[str, str], float] = {}
     refused: list[str] = []
     for stage, view, experts, (k_dim, n_dim) in (("fc1", w13, q13, (h, 2 * inter)), ("fc2", w2, q2, (inter, h))):
         gemm_rows = (lambda: x[plan.row_token]) if stage == "fc1" else (lambda: hidden)
         timings.update(_baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device, gen))
+        calls = {}
         for name, kern in kernels.items():
             v13, v2 = views[name]
-            call = (lambda: kern.fc1(x, plan, v13)) if stage == "fc1" else (lambda: kern.fc2(hidden, plan, v2))
+            call = (lambda kern=kern, v13=v13: kern.fc1(x, plan, v13)) if stage == "fc1" else (lambda kern=kern, v2=v2: kern.fc2(hidden, plan, v2))
             try:
                 call()  # the implementation's input checks, before any timing
             except UnsupportedCase as e:
                 refused.append(f"{stage} {name}: {e}")
                 continue
-            timings[(stage, name)] = bench(call, device)
+            calls[name] = call
             if getattr(kern, "fused", (False, False))[stage == "fc2"]:
                 tiles[(stage, name)] = "x".join(map(str, kern.work_tile(plan, stage == "fc1", n_dim)))
+        names = list(calls)
+        readings: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            first = r % len(names) if names else 0  # each round starts one implementation later
+            for name in names[first:] + names[:first]:
+                readings[name].append(bench(calls[name], device))
+        for name, ms in readings.items():
+            timings[(stage, name)] = statistics.median(ms)
+            if rounds > 1:
+                spreads[(stage, name)] = (max(ms) - min(ms)) / timings[(stage, name)]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = []
     for (stage, impl), ms in timings.items():
@@ -158,7 +175,7 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
                 "timestamp": stamp, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": case.model,
                 "tokens": case.tokens, "skew": case.skew, "routed_rows": rows, "stage": stage, "impl": impl, "ms": ms, "tflops": tflops,
                 "frac_ceiling": timings[(stage, "dense-bf16")] / ms, "x_vs_torch": timings[(stage, "torch")] / ms if (stage, "torch") in timings else None,
-                "tile": tiles.get((stage, impl), ""),
+                "tile": tiles.get((stage, impl), ""), "spread": spreads.get((stage, impl)),
             }
         )
     return out, refused
@@ -166,11 +183,11 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0) 
 
 def table(rows: list[dict]) -> Table:
     t = Table(title="MoE kernels: median time, TFLOP/s, fraction of the dense bf16 ceiling")
-    for col in ("model", "tokens", "skew", "stage", "impl", "ms", "TFLOP/s", "x ceiling", "x torch"):
+    for col in ("model", "tokens", "skew", "stage", "impl", "ms", "spread", "TFLOP/s", "x ceiling", "x torch"):
         t.add_column(col, justify="left" if col in ("model", "stage", "impl") else "right")
     for r in rows:
         t.add_row(
-            r["model"], str(r["tokens"]), f"{r['skew']:g}", r["stage"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
+            r["model"], str(r["tokens"]), f"{r['skew']:g}", r["stage"], r["impl"], f"{r['ms']:.3f}", fmt(r["spread"], ".1%"), f"{r['tflops']:.1f}",
             f"{r['frac_ceiling']:.2f}", "" if r["x_vs_torch"] is None else f"{r['x_vs_torch']:.2f}",
         )
     return t

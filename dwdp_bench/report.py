@@ -143,12 +143,12 @@ def build(paths: list[Path], out_dir: Path) -> Path:
         for model, part in df.groupby("model"):
             name = f"kernels-{model}.png"
             plot_kernels(part, out_dir / name, model)
-            lines += [f"![{model}]({name})", "", "| tokens | skew | stage | impl | work tile | ms | TFLOP/s | x ceiling | x torch |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"![{model}]({name})", "", "| tokens | skew | stage | impl | work tile | ms | spread | TFLOP/s | x ceiling | x torch |", "|---|---|---|---|---|---|---|---|---|---|"]
             for _, r in part.sort_values(["tokens", "skew", "stage", "impl"]).iterrows():
                 tile = r.get("tile")  # fused stages only; CSVs from before the column have none
                 lines.append(
-                    f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {tile if isinstance(tile, str) else ''} | {r.ms:.3f} | {r.tflops:.1f} | "
-                    f"{r.frac_ceiling:.2f} | {fmt(r.x_vs_torch, '.2f')} |"
+                    f"| {r.tokens} | {r['skew']:g} | {r.stage} | {r.impl} | {tile if isinstance(tile, str) else ''} | {r.ms:.3f} | {fmt(r.get('spread'), '.1%')} | "
+                    f"{r.tflops:.1f} | {r.frac_ceiling:.2f} | {fmt(r.x_vs_torch, '.2f')} |"
                 )
             lines.append("")
     if "transport" in results:

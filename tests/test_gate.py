@@ -1,6 +1,7 @@
 """The CI gate for real (e2e and accuracy on 2 CPU ranks against the committed CPU reference), and
 planted regressions that must make it fail."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -94,11 +95,13 @@ def test_unusable_input_exits_2(tmp_path, ci_results):
 
 def test_report_plots_kernel_results(tmp_path):
     kernels = tmp_path / "kernels.csv"
-    assert cli("kernels", "--device", "cpu", "--tokens", "32,64", "--skew", "0", "--out", str(kernels), timeout=300).returncode == 0
+    assert cli("kernels", "--device", "cpu", "--tokens", "32,64", "--skew", "0", "--rounds", "2", "--out", str(kernels), timeout=300).returncode == 0
     done = cli("report", str(kernels), "--out", str(tmp_path / "report"), timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report" / "kernels-tiny.png").stat().st_size > 10_000
-    assert "| fc1 | dense-bf16 |  |" in (tmp_path / "report" / "summary.md").read_text()  # no work tile: not fused
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert re.search(r"\| fc1 \| dense-bf16 \|  \| [0-9.]+ \|  \|", summary)  # no work tile (not fused), no spread (timed once)
+    assert re.search(r"\| fc1 \| torch \|  \| [0-9.]+ \| [0-9.]+% \|", summary)  # the spread of its 2 rounds
     df = pd.read_csv(kernels)  # a fused stage's row names the work tile it ran (no fused kernels on CPU: planted)
     df["tile"] = df["tile"].astype(object)
     df.loc[(df.impl == "torch") & (df.stage == "fc1"), "tile"] = "256x128"

@@ -26,7 +26,7 @@ def test_kernels_command_writes_rows_for_every_case(tmp_path):
         impls = {(r["stage"], r["impl"]) for r in rows if (r["tokens"], r["skew"]) == (tokens, skew)}
         assert impls == {(s, i) for s in ("fc1", "fc2") for i in ("torch", "bf16-grouped-gemm", "dense-bf16")}
     for r in rows:
-        assert float(r["ms"]) > 0 and float(r["tflops"]) > 0
+        assert float(r["ms"]) > 0 and float(r["tflops"]) > 0 and r["spread"] == ""  # one round: no spread
         assert int(r["routed_rows"]) == int(r["tokens"]) * 2  # tiny: top-2
         if r["impl"] == "torch":
             assert float(r["x_vs_torch"]) == 1.0
@@ -96,6 +96,49 @@ def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured
         kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["torch", "broken"])
 
 
+def test_rounds_interleave_the_implementations_and_report_their_spread(monkeypatch):
+    """With rounds, each implementation is timed that many times, round-robin, each round starting one
+    implementation later; its row's ms is the median and spread (max - min) / median. Baselines: one timing,
+    no spread."""
+    from dwdp_bench import kernelbench
+
+    real = kernelbench.get_kernels
+    torch_kernels = type(real("torch", torch.device("cpu")))
+    timed: list[tuple[str, str]] = []  # (stage, implementation) of every call
+
+    def named(tag):
+        class Named(torch_kernels):
+            def fc1(self, x, plan, w13):
+                timed.append(("fc1", tag))
+                return super().fc1(x, plan, w13)
+
+            def fc2(self, h, plan, w2):
+                timed.append(("fc2", tag))
+                return super().fc2(h, plan, w2)
+
+        return Named()
+
+    readings = {"a": [3.0, 1.0, 2.0], "b": [5.0, 5.0, 5.0], "c": [1.0, 4.0, 2.0]}
+
+    def fake_bench(fn, device):
+        calls = len(timed)
+        fn()
+        if len(timed) == calls:
+            return 10.0  # a baseline
+        stage, tag = timed[-1]
+        return readings[tag][sum(1 for s, t in timed[:-1] if (s, t) == (stage, tag)) - 1]  # its n-th timing, after the input check
+
+    monkeypatch.setattr(kernelbench, "get_kernels", lambda name, device: named(name) if name in readings else real(name, device))
+    monkeypatch.setattr(kernelbench, "bench", fake_bench)
+    rows, _ = kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["a", "b", "c"], rounds=3)
+    fc1 = [tag for stage, tag in timed if stage == "fc1"]
+    assert fc1 == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]  # input checks, then 3 rounds
+    got = {(r["stage"], r["impl"]): (r["ms"], r["spread"]) for r in rows}
+    for stage in ("fc1", "fc2"):
+        assert got[(stage, "a")] == (2.0, 1.0) and got[(stage, "b")] == (5.0, 0.0) and got[(stage, "c")] == (2.0, 1.5)
+        assert got[(stage, "dense-bf16")] == (10.0, None)
+
+
 def test_kernels_rejects_unknown_names(tmp_path):
     done = cli("kernels", "--device", "cpu", "--impls", "no-such-kernels", "--out", str(tmp_path / "k.csv"), timeout=120)
     assert done.returncode == 2 and "unknown kernel implementation" in done.stderr
@@ -103,6 +146,8 @@ def test_kernels_rejects_unknown_names(tmp_path):
     assert done.returncode == 2 and "unknown model config" in done.stderr
     done = cli("kernels", "--device", "cpu", "--impls", "cute", "--out", str(tmp_path / "k.csv"), timeout=120)
     assert done.returncode == 2 and "cute do not run on cpu" in done.stderr and "Hopper" in done.stderr
+    done = cli("kernels", "--device", "cpu", "--rounds", "0", "--out", str(tmp_path / "k.csv"), timeout=120)
+    assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr
     assert not (tmp_path / "k.csv").exists()
 
 
