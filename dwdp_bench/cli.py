@@ -312,7 +312,7 @@ def kernels(
     ranks: Optional[int] = typer.Option(None, help="Ranks of the transport cases: GPUs (one rank each), or CPU ranks with --device cpu. Default: every visible GPU; 2 CPU ranks."),
     out: Optional[Path] = typer.Option(None, help="CSV to append rows to. Default: `results/kernels-<UTC time>.csv`."),
     seed: int = typer.Option(0, help="Seed of the random inputs and weights."),
-    rounds: int = typer.Option(1, help="Timings of each implementation per case and stage, taken round-robin across the implementations (each round starting one later); a row's ms is their median and its `spread` column (max - min) / median. The baselines are timed once."),
+    rounds: int = typer.Option(1, help="Timings of each implementation per case and stage, taken round-robin across the implementations (each round starting one later); a row's ms is their median and its `spread` column (max - min) / median. dense-bf16 is timed in the same rounds (every ratio to it at comparable clocks), the other baselines once."),
     timeout: float = typer.Option(300.0, help="Seconds a transport rank may go without progress before the run is declared hung and stopped."),
 ) -> None:
     """MoE kernel microbenchmarks on one device: FC1 (gather + grouped GEMM + SwiGLU) and FC2 (grouped

@@ -11,10 +11,12 @@ grouped GEMM + finalize), each implementation's median time and TFLOP/s, next to
 
 FLOPs count only the rows tokens use (2 x rows x N x K). Inputs are fresh random data (never zeros);
 GPU times are CUDA-event medians from triton.testing.do_bench after warm-up, over about MIN_CALLS calls at
-the least. With rounds > 1 each implementation is timed that many times, round-robin across the
-implementations of the stage (each round starting one later, so none always runs first): `ms` is the
-median of its readings and `spread` (max - min) / median, how far one reading can be trusted (the same
-kernel has read 10% apart in two single readings of one run, results/README.md session 10).
+the least. With rounds > 1 each implementation and dense-bf16 are timed that many times, round-robin
+(each round starting one later, so none always runs first): `ms` is the median of its readings and
+`spread` (max - min) / median, how far one reading can be trusted. On an H200 the fused kernels run
+against the power cap and one reading moves by up to ~10% with the clock it leaves (results/README.md,
+session 10); timing dense-bf16 in the same rounds takes each ratio to it at comparable clocks. The other
+two baselines are timed once.
 """
 
 from __future__ import annotations
@@ -104,13 +106,12 @@ def quack_w4a16(act: torch.Tensor, w: NVFP4Weights):
     return lambda: gemm_w4a16(act, blob, sf, tensor_scale=alpha, n_out=n, wformat="nvfp4")
 
 
-def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device, gen) -> dict[tuple[str, str], float]:
-    """One stage's baselines. Their inputs live only inside this call (DeepSeek-V3 shapes at 64K tokens
-    hold ~40 GiB of them), so the implementations are timed with that memory free again."""
+def _baselines(stage, view, experts, dense_a, gemm_rows, plan, device) -> dict[tuple[str, str], float]:
+    """One stage's quack-w4a16 and bf16-grouped-gemm, timed once. Their inputs live only inside this call
+    (DeepSeek-V3 shapes at 64K tokens hold ~40 GiB of decoded weights), so the implementations are timed
+    with that memory free again."""
     out = {}
-    dense_a = torch.randn(rows, k_dim, device=device, generator=gen).bfloat16()
-    dense_b = torch.randn(k_dim, n_dim, device=device, generator=gen).bfloat16()
-    out[(stage, "dense-bf16")] = bench(lambda: dense_a @ dense_b, device)
+    k_dim = dense_a.shape[1]
     if quack_w4a16_runs(device, k_dim):
         out[(stage, "quack-w4a16")] = bench(quack_w4a16(dense_a, experts), device)
     decoded, a = decode_view(view, torch.bfloat16), gemm_rows()
@@ -121,8 +122,8 @@ def _baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device
 def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0, rounds: int = 1) -> tuple[list[dict], list[str]]:
     """The case's rows, and a line per implementation and stage that cannot run the case (UnsupportedCase:
     e.g. a kernel's 32-bit offsets on a large batch): the others are still measured; any other error ends
-    the run. Each implementation is timed `rounds` times, round-robin (see the module docstring); the
-    baselines once."""
+    the run. Each implementation and dense-bf16 are timed `rounds` times, round-robin (see the module
+    docstring); the other baselines once."""
     cfg = get_config(case.model)
     e, h, inter, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -143,8 +144,10 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0, 
     refused: list[str] = []
     for stage, view, experts, (k_dim, n_dim) in (("fc1", w13, q13, (h, 2 * inter)), ("fc2", w2, q2, (inter, h))):
         gemm_rows = (lambda: x[plan.row_token]) if stage == "fc1" else (lambda: hidden)
-        timings.update(_baselines(stage, view, experts, gemm_rows, plan, rows, k_dim, n_dim, device, gen))
-        calls = {}
+        dense_a = torch.randn(rows, k_dim, device=device, generator=gen).bfloat16()
+        dense_b = torch.randn(k_dim, n_dim, device=device, generator=gen).bfloat16()
+        timings.update(_baselines(stage, view, experts, dense_a, gemm_rows, plan, device))
+        calls = {"dense-bf16": lambda: dense_a @ dense_b}
         for name, kern in kernels.items():
             v13, v2 = views[name]
             call = (lambda kern=kern, v13=v13: kern.fc1(x, plan, v13)) if stage == "fc1" else (lambda kern=kern, v2=v2: kern.fc2(hidden, plan, v2))
@@ -159,7 +162,7 @@ def run_case(case: Case, device: torch.device, impls: list[str], seed: int = 0, 
         names = list(calls)
         readings: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
-            first = r % len(names) if names else 0  # each round starts one implementation later
+            first = r % len(names)  # each round starts one implementation later
             for name in names[first:] + names[:first]:
                 readings[name].append(bench(calls[name], device))
         for name, ms in readings.items():

@@ -97,9 +97,9 @@ def test_an_implementation_that_refuses_a_case_is_reported_and_the_rest_measured
 
 
 def test_rounds_interleave_the_implementations_and_report_their_spread(monkeypatch):
-    """With rounds, each implementation is timed that many times, round-robin, each round starting one
-    implementation later; its row's ms is the median and spread (max - min) / median. Baselines: one timing,
-    no spread."""
+    """With rounds, each implementation and dense-bf16 are timed that many times, round-robin, each round
+    starting one later; a row's ms is the median and spread (max - min) / median. The other baselines: one
+    timing, no spread."""
     from dwdp_bench import kernelbench
 
     real = kernelbench.get_kernels
@@ -132,11 +132,12 @@ def test_rounds_interleave_the_implementations_and_report_their_spread(monkeypat
     monkeypatch.setattr(kernelbench, "bench", fake_bench)
     rows, _ = kernelbench.run_case(kernelbench.Case("tiny", 32, 0.0), torch.device("cpu"), ["a", "b", "c"], rounds=3)
     fc1 = [tag for stage, tag in timed if stage == "fc1"]
-    assert fc1 == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]  # input checks, then 3 rounds
+    # input checks, then 3 rounds of dense-bf16, a, b, c (dense, not logged, first in the first round, last in the second)
+    assert fc1 == ["a", "b", "c"] + ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"]
     got = {(r["stage"], r["impl"]): (r["ms"], r["spread"]) for r in rows}
     for stage in ("fc1", "fc2"):
         assert got[(stage, "a")] == (2.0, 1.0) and got[(stage, "b")] == (5.0, 0.0) and got[(stage, "c")] == (2.0, 1.5)
-        assert got[(stage, "dense-bf16")] == (10.0, None)
+        assert got[(stage, "dense-bf16")] == (10.0, 0.0) and got[(stage, "bf16-grouped-gemm")] == (10.0, None)
 
 
 def test_kernels_rejects_unknown_names(tmp_path):
