@@ -29,9 +29,9 @@ import torch
 from rich.table import Table
 
 from .kernels import UnsupportedCase, WeightView, build_plan, get_kernels
-from .results import fmt
 from .kernels.nvfp4 import NVFP4Weights, quantize
 from .kernels.reference import decode_view, grouped_gemm
+from .results import fmt
 from .runtime.config import get_config
 
 COLUMNS = ["timestamp", "device", "model", "tokens", "skew", "routed_rows", "stage", "impl", "ms", "tflops", "frac_ceiling", "x_vs_torch", "tile", "spread"]

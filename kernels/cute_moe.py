@@ -108,6 +108,8 @@ SCALE_CHUNK = 128 * TILE_K // BLOCK  # bytes of their block scales
 LOG2E = 1.4426950408889634
 WIDTH_STEP = 64  # token widths of a work tile's MMA: WIDTH_STEP, 2 x WIDTH_STEP, .., tile_m (see mainloop). At 32 ptxas
 # serializes every kernel's wgmmas (C7512: insufficient registers)
+OUT_BOX = 64  # FC1's and FC2 rows_out's output tile leaves in TMA boxes of OUT_BOX tokens x OUT_BOX columns (bf16 rows of
+# 128 bytes: the 128-byte swizzle's span)
 FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a time: 8192 / tile_w token rows
 
 
@@ -174,10 +176,10 @@ class MoEGemmSm90:
                 cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(self.rows_layout(width), (None, None, 0)), (width, TILE_K))
                 for width in self.widths()
             )
-        # FC1 and FC2 rows_out: the tile's whole 64-row groups leave by TMA stores of 64 x 64 boxes
+        # FC1 and FC2 rows_out: the tile's whole OUT_BOX-row groups leave by TMA stores of OUT_BOX x OUT_BOX boxes
         store = None
         if cutlass.const_expr(self.fc1 or self.rows_out):
-            store = tuple(cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileS2GOp(), mOut, cute.slice_(self.out_boxes_layout(), (None, None, 0)), (64, 64)))
+            store = tuple(cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileS2GOp(), mOut, cute.slice_(self.out_boxes_layout(), (None, None, 0)), (OUT_BOX, OUT_BOX)))
         self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tmas, store).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
@@ -362,36 +364,38 @@ class MoEGemmSm90:
         return self.tile_w // 2 if self.fc1 else self.tile_w
 
     def out_boxes_layout(self):
-        """FC1's and FC2 rows_out's smem output tile: (tile_m / 64) x (out_columns / 64) boxes of 64 tokens x 64
-        columns bf16 in the 128-byte swizzle (TMA's), box c * (tile_m / 64) + q holding tokens 64 q .. and
-        columns 64 c .. (see out_box_address)."""
-        return sm90_utils.make_smem_layout_epi(cutlass.BFloat16, LayoutEnum.ROW_MAJOR, (64, 64), (self.tile_m // 64) * (self.out_columns() // 64))
+        """FC1's and FC2 rows_out's smem output tile: (tile_m / OUT_BOX) x (out_columns / OUT_BOX) boxes of OUT_BOX
+        tokens x OUT_BOX columns bf16 in the 128-byte swizzle (TMA's), box c * (tile_m / OUT_BOX) + q holding
+        tokens OUT_BOX q .. and columns OUT_BOX c .. (see out_box_address)."""
+        boxes = (self.tile_m // OUT_BOX) * (self.out_columns() // OUT_BOX)
+        return sm90_utils.make_smem_layout_epi(cutlass.BFloat16, LayoutEnum.ROW_MAJOR, (OUT_BOX, OUT_BOX), boxes)
 
     def out_box_address(self, sEpi, token, column):
         """The smem address of out_boxes_layout's 8 columns from `column` (a multiple of 8) of `token`: a
-        token's 64 columns of a box are 128 bytes, whose 16-byte chunk c sits at chunk c ^ (token % 8)."""
-        return sEpi.iterator.toint() + ((column // 64) * self.tile_m + token) * 128 + (((column % 64) // 8) ^ (token % 8)) * 16
+        token's OUT_BOX columns of a box are 128 bytes, whose 16-byte chunk c sits at chunk c ^ (token % 8)."""
+        row_bytes = OUT_BOX * 2
+        return sEpi.iterator.toint() + ((column // OUT_BOX) * self.tile_m + token) * row_bytes + (((column % OUT_BOX) // 8) ^ (token % 8)) * 16
 
     @cute.jit
     def store_tile(self, store, sEpi, mOut, ctid, row_start, row_end, n_blk):
         """The smem output tile (out_boxes_layout, written by every consumer) -> out rows row_start .. row_end - 1,
-        columns n_blk x out_columns ..: its whole 64-token groups by TMA stores from one warp, which run on while
-        the next tile's main loop does (the next epilogue waits for them to have read sEpi), and its last rows
-        (fewer than 64: a box would write into the next tile's) in 16-byte stores."""
+        columns n_blk x out_columns ..: its whole OUT_BOX-token groups by TMA stores from one warp, which run on
+        while the next tile's main loop does (the next epilogue waits for them to have read sEpi), and its last
+        rows (fewer than OUT_BOX: a box would write into the next tile's) in 16-byte stores."""
         rows = row_end - row_start
-        full = rows // 64
+        full = rows // OUT_BOX
         cols = self.out_columns()
         cute.arch.fence_proxy("async.shared", space="cta")  # TMA reads the tile through the async proxy
         cute.arch.barrier(barrier_id=1, number_of_threads=CONSUMER_THREADS)
         if ctid < 32:
-            for q in cutlass.range_constexpr(self.tile_m // 64):
+            for q in cutlass.range_constexpr(self.tile_m // OUT_BOX):
                 if q < full:
-                    for c in cutlass.range_constexpr(cols // 64):
-                        self.store_box(store, sEpi[None, None, c * (self.tile_m // 64) + q], row_start + 64 * q, n_blk * cols + 64 * c)
+                    for c in cutlass.range_constexpr(cols // OUT_BOX):
+                        self.store_box(store, sEpi[None, None, c * (self.tile_m // OUT_BOX) + q], row_start + OUT_BOX * q, n_blk * cols + OUT_BOX * c)
             cute.arch.cp_async_bulk_commit_group()
         chunks = cols // 8
-        for step in cutlass.range_constexpr(64 * chunks // CONSUMER_THREADS):
-            m = full * 64 + ctid // chunks + (CONSUMER_THREADS // chunks) * step
+        for step in cutlass.range_constexpr(OUT_BOX * chunks // CONSUMER_THREADS):
+            m = full * OUT_BOX + ctid // chunks + (CONSUMER_THREADS // chunks) * step
             if m < rows:
                 part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
                 src = cute.make_ptr(cutlass.BFloat16, self.out_box_address(sEpi, m, (ctid % chunks) * 8), cute.AddressSpace.smem, assumed_align=16)
@@ -401,9 +405,9 @@ class MoEGemmSm90:
                 cute.autovec_copy(part, cute.make_tensor(cute.make_ptr(cutlass.BFloat16, dst, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
 
     def store_box(self, store, sBox, row, col):
-        """A TMA store of one 64 x 64 smem box to out[row .., col ..] (issued by one elected lane of the calling warp)."""
+        """A TMA store of one smem box to out[row .., col ..] (issued by one elected lane of the calling warp)."""
         atom, out = store
-        gBox = cute.local_tile(cute.domain_offset((row, col), out), (64, 64), (0, 0))
+        gBox = cute.local_tile(cute.domain_offset((row, col), out), (OUT_BOX, OUT_BOX), (0, 0))
         s_part, g_part = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sBox, 0, 2), cute.group_modes(gBox, 0, 2))
         cute.copy(atom, s_part, g_part)
 
@@ -615,6 +619,7 @@ def store_trans_x4(addr: cutlass.Int32, values: list, *, loc=None, ip=None) -> N
         "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [$0], {r0, r1, r2, r3};}",
         "r,f,f,f,f,f,f,f,f,~{memory}", has_side_effects=True, loc=loc, ip=ip,
     )
+
 
 @dsl_user_op
 def e4m3x2_to_bf16x2(pairs: cutlass.Int32, high: bool, *, loc=None, ip=None) -> cutlass.Int32:
