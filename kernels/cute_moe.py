@@ -1,4 +1,4 @@
-"""Hopper (sm_90a) NVFP4 MoE kernels in CuTe DSL: FC1 = gather + grouped GEMM + SwiGLU, FC2 = grouped
+"""Hopper (sm_90a) NVFP4 MoE kernels in CuTe DSL: FC1 = permute + grouped GEMM + SwiGLU, FC2 = grouped
 GEMM + finalize, each one persistent, warp-specialized kernel.
 
 Hopper has no FP4 MMA. The weights are the wgmma A operand, taken from registers: each consumer thread
@@ -7,12 +7,12 @@ the B operand in shared memory; fp32 accumulate, the global scale in the epilogu
 default) 128 weight rows x 256 routed rows of one expert; K advances 64 at a time through a ring of smem
 stages:
 
-    producer warpgroup   the token rows into a swizzled stage: FC1 gathers them by row -> token with
-                         cp.async, FC2 (rows contiguous per expert) loads them as one TMA box, which
-                         measured 7-15% faster than the same rows by cp.async; the expert's packed codes
-                         and block scales (contiguous chunks in the fragment order) by cp.async into a
-                         raw stage, from addresses worked out once per work tile; the stage is full when
-                         the cp.async arrivals and the TMA bytes have landed
+    producer warpgroup   the token rows, contiguous per expert, into a swizzled stage as one TMA box;
+                         the expert's packed codes and block scales (contiguous chunks in the fragment
+                         order) by cp.async into a raw stage; the stage is full when the cp.async
+                         arrivals and the TMA bytes have landed. FC2's rows are its input; FC1's warp 0
+                         loads while the other three copy the token rows into the permuted order first
+                         (permute_rows), each tile's loads waiting for its rows (wait_rows)
     2 consumer warpgroups  per 16-wide k block: decode the fragment's word with quack's lookup, scale
                          (bf16x2 multiply), then wgmma m64nNk16 RS (N the tile's token width), so
                          that a block's wgmmas run while the next block decodes
@@ -27,21 +27,26 @@ stored in its work tile's order (gate and up interleaved, see weight_row).
 
 A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide.
 A tile runs at the narrowest token width, a multiple of 64, that covers its rows (one tiled MMA per width,
-see mainloop; FC1 gathers only those rows, FC2 loads them as a TMA box of that width), so whatever the tile
+see mainloop; the token rows come as a TMA box of that width), so whatever the tile
 an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
 DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 1-28% and FC1 1-8% faster than running every tile at full width
 (results/README.md, session 8). FC2's rows kernel gained another 1-14% (V3-Lite 4K-32K and V3 8K-16K tokens,
 session 9) when its box took the tile's width rather than the full tile's. The tile table splits an expert's
-rows evenly over its tiles (kernels/fused.py: `tile_table`). FC1's rows past a tile gather the rows that follow
-it: when they all re-read the tile's first row, queueing on one L2 slice, FC1 ran up to 1.9x slower where
-tiles were mostly padding. A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but
+rows evenly over its tiles (kernels/fused.py: `tile_table`). A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but
 decodes twice as much: it is faster where an expert has about one narrow tile of rows, so each call picks
-one by its mean rows per expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights. Where the time goes,
-bounded by throwaway variants (results/README.md, session 7: every tile at full width, FC1's padding rows
-re-reading the first): in the 128 x 256 tile the token rows' gather cost FC1 ~12-19% (the same kernel over
-pre-permuted rows by TMA boxes ran at 0.89-0.98x dense; per-row TMA boxes and 2-CTA clusters sharing the
-gathered rows measured slower than cp.async), in the 256 x 128 tile 0-3%; the decode 4-7%, FC1's epilogue
-~5%, FC2's finalize 18-28%.
+one by its mean rows per expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights.
+
+FC1's token rows: Hopper's TMA cannot gather rows by index. Gathering them into every work tile by cp.async
+(each row as many times as N has weight blocks, from all four producer warps) cost the 128 x 256 tile 10-13%
+against the same kernel over pre-permuted rows by TMA boxes, and not through the consumers' proxy fence
+(dropping it changed nothing); permuting first in a separate pass cost about what it saved (results/README.md,
+session 11). So the kernel permutes for itself: three producer warps per CTA copy the rows once into an [R, K]
+buffer, a few rows per claim of a global counter, in row order, flagging each group; a tile's loads wait for
+its groups, and the copies run under the MMAs of the tiles before. Claims are dynamic, so the copying never
+waits on a CTA that is not running. Against the gather, bit-equal: FC1 +4-5% at V3-Lite's 8K tokens, +2-3%
+at 32K, +11% at V3's 32K; in the 256 x 128 tile (fewer rows per expert) -4% to +5%, within the readings'
+spread but for -2 to -4% at V3-Lite's 1K. Other costs, bounded by throwaway variants (sessions 7 and 10):
+the decode 4-7%, FC1's epilogue ~5%, FC2's finalize (cute-det's separate pass) ~11% at 8K tokens.
 
 Epilogues:
     FC1  weight tile rows interleave gate and up in groups of 8, so that a thread's accumulator rows r and
@@ -110,6 +115,8 @@ WIDTH_STEP = 64  # token widths of a work tile's MMA: WIDTH_STEP, 2 x WIDTH_STEP
 # serializes every kernel's wgmmas (C7512: insufficient registers)
 OUT_BOX = 64  # FC1's and FC2 rows_out's output tile leaves in TMA boxes of OUT_BOX tokens x OUT_BOX columns (bf16 rows of
 # 128 bytes: the 128-byte swizzle's span)
+PERMUTE_BATCH = 5  # FC1: 16-byte loads a permuting thread has in flight (4 registers each, within PRODUCER_REGS)
+PERMUTE_ROWS = 4  # FC1: token rows copied into the permuted buffer per claim of a permuting warp (see permute_rows)
 FC2_CHUNK_FLOATS = 8192  # FC2's finalize stages 32 KB of its tile in smem at a time: 8192 / tile_w token rows
 
 
@@ -125,7 +132,7 @@ def check_shape(fc1: bool, n: int, k: int, a=None, tile_w: int = TILE_W) -> None
 
 
 class MoEGemmSm90:
-    """One grouped NVFP4 GEMM with a fused epilogue; `fc1` picks gather + SwiGLU or FC2, whose epilogue is
+    """One grouped NVFP4 GEMM with a fused epilogue; `fc1` picks permute + SwiGLU or FC2, whose epilogue is
     the finalize into token order or, with `rows_out`, each routed row's bf16 result.
 
     n, k: the weight shape [N, K] of one expert (FC1: N = 2I, K = H; FC2: N = H, K = I); tile_w x tile_m:
@@ -146,12 +153,14 @@ class MoEGemmSm90:
     def __call__(
         self,
         mA: cute.Tensor,  # [rows_src, K] bf16: FC1 tokens x, FC2 hidden rows h
-        mRowToken: cute.Tensor,  # [R] int32: row -> token (FC1 gathers by it, FC2 scatters by it)
+        mRowToken: cute.Tensor,  # [R] int32: row -> token (FC1 permutes by it, `cute`'s FC2 scatters by it)
         mWPtr: cute.Tensor,  # [E] int64: base address of expert e's packed codes [N, K/2]
         mSFPtr: cute.Tensor,  # [E] int64: base address of expert e's block scales [N, K/16]
         mScale: cute.Tensor,  # FC1: [E] fp32 1/global scale; FC2: [R] fp32 router weight / global scale (unread with rows_out)
         mTiles: cute.Tensor,  # [tiles, 3] int32: expert, first row, end row (exclusive) of each work tile
         mOut: cute.Tensor,  # FC1: [R, N/2] bf16; FC2: [T, N] fp32, accumulated into; FC2 rows_out: [R, N] bf16
+        mRows: cute.Tensor,  # [R, K] bf16 routed rows, loaded by TMA: FC1 the permuted tokens it copies there first, FC2 mA
+        mReady: cute.Tensor,  # FC1: [1 + ceil(R / PERMUTE_ROWS)] int32, zero: claims, then which row groups are copied
         num_ctas: cutlass.Int32,  # persistent CTAs (the SM count)
         stream,
     ):
@@ -168,19 +177,17 @@ class MoEGemmSm90:
         )
         b_layout = self.rows_layout(self.tile_m)
         work = cute.size(mTiles, mode=[0]) * (self.n // self.tile_w)
-        # FC2's token rows are contiguous per expert: one TMA box per K step of the tile's token width (a copy
-        # atom per width; FC1 gathers them with cp.async)
-        tmas = None
-        if cutlass.const_expr(not self.fc1):
-            tmas = tuple(
-                cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mA, cute.slice_(self.rows_layout(width), (None, None, 0)), (width, TILE_K))
-                for width in self.widths()
-            )
+        # the token rows of mRows are contiguous per expert: one TMA box per K step of the tile's token width
+        # (a copy atom per width)
+        tmas = tuple(
+            cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mRows, cute.slice_(self.rows_layout(width), (None, None, 0)), (width, TILE_K))
+            for width in self.widths()
+        )
         # FC1 and FC2 rows_out: the tile's whole OUT_BOX-row groups leave by TMA stores of OUT_BOX x OUT_BOX boxes
         store = None
         if cutlass.const_expr(self.fc1 or self.rows_out):
             store = tuple(cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileS2GOp(), mOut, cute.slice_(self.out_boxes_layout(), (None, None, 0)), (OUT_BOX, OUT_BOX)))
-        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, b_layout, tmas, store).launch(
+        self.kernel(mmas, mA, mRowToken, mWPtr, mSFPtr, mScale, mTiles, mOut, mRows, mReady, b_layout, tmas, store).launch(
             grid=(cutlass.min(num_ctas, work), 1, 1), block=(THREADS, 1, 1), stream=stream
         )
 
@@ -195,6 +202,8 @@ class MoEGemmSm90:
         mScale: cute.Tensor,
         mTiles: cute.Tensor,
         mOut: cute.Tensor,
+        mRows: cute.Tensor,
+        mReady: cute.Tensor,
         b_layout: cute.ComposedLayout,
         tmas: tuple,
         store: tuple,
@@ -235,48 +244,37 @@ class MoEGemmSm90:
         ring = pipeline.PipelineCpAsync.create(
             barrier_storage=barriers,
             num_stages=stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + (0 if self.fc1 else 1)),
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.loaders() + 1),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
         )
 
         if warp < PRODUCER_THREADS // 32:
-            # ---- producer: cp.async (FC2's token rows by TMA); see load_step for who copies what ----
+            # ---- producer: the token rows by TMA, the weights by cp.async (see load_step); FC1's warps past the
+            # loaders first copy the token rows into mRows in the permuted order (see permute_rows) ----
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-            offsets = self.load_offsets(tidx)
-            x_off = None  # FC2: its token rows come by TMA
-            if cutlass.const_expr(self.fc1):
-                x_off = cute.make_rmem_tensor((tile_m // 16,), cutlass.Int32)
-            w_off = cute.make_rmem_tensor((tile_w // 64,), cutlass.Int32)
-            sf_off = cute.make_rmem_tensor((tile_w // 128,), cutlass.Int32)
-            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-            for w in cutlass.range(bid, work_count, grid, unroll=1):
-                n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
-                if row_start < row_end:
-                    # where this thread's rows start (see load_step); each K step adds its k offset
-                    # FC1 gathers only the 16-row groups of the tile's token width
-                    narrowest = self.width_index(row_end - row_start)
-                    x_groups = (narrowest + 1) * (WIDTH_STEP // 16)
-                    if cutlass.const_expr(self.fc1):
-                        for i in cutlass.range_constexpr(tile_m // 16):
-                            x_off[i] = self.token_row(mRowToken, row_start, tidx // 8 + 16 * i) * self.k + (tidx % 8) * 8
-                    for i in cutlass.range_constexpr(tile_w // 64):
-                        w_off[i] = (n_blk * self.reps + i // 2) * k_tiles * CODE_CHUNK + (i % 2) * (CODE_CHUNK // 2) + tidx * 16
-                    for i in cutlass.range_constexpr(tile_w // 128):
-                        sf_off[i] = (n_blk * self.reps + i) * k_tiles * SCALE_CHUNK + tidx * 4
-                    sources = (mA.iterator.toint(), mWPtr[expert], mSFPtr[expert])
-                    for k_tile in cutlass.range(k_tiles, unroll=1):
-                        ring.producer_acquire(state)
-                        if cutlass.const_expr(not self.fc1):
-                            # the full barrier counts this arrival too (producer group PRODUCER_THREADS + 1) and
-                            # the box's bytes; the DSL issues the copy from one elected lane of the whole warp (an
-                            # `if tidx == 0` around it never issues and hangs the kernel)
+            if tidx >= self.loaders():
+                self.permute_rows(mA, mRowToken, mRows, mReady, tidx - self.loaders())
+            else:
+                state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
+                for w in cutlass.range(bid, work_count, grid, unroll=1):
+                    n_blk, expert, row_start, row_end = self.work_item(mTiles, w)
+                    if row_start < row_end:
+                        narrowest = self.width_index(row_end - row_start)
+                        if cutlass.const_expr(self.fc1):
+                            self.wait_rows(mReady, row_start, row_end, tidx)
+                        sources = (mWPtr[expert], mSFPtr[expert])
+                        for k_tile in cutlass.range(k_tiles, unroll=1):
+                            ring.producer_acquire(state)
+                            # the full barrier counts this arrival too (producer group loaders + 1) and the box's
+                            # bytes; the DSL issues the copy from one elected lane of the whole warp (an `if tidx ==
+                            # 0` around it never issues and hangs the kernel)
                             if warp == 0:
                                 for i in cutlass.range_constexpr(len(tmas)):
                                     if narrowest == i:
                                         self.load_rows(tmas[i], self.widths()[i], sX, row_start, k_tile, state.index, ring.producer_get_barrier(state))
-                        self.load_step(sources, (x_off, w_off, sf_off), offsets, (sX, sW, sSF), k_tile, state.index, x_groups)
-                        ring.producer_commit(state)
-                        state.advance()
+                            self.load_step(sources, n_blk * self.reps, (sW, sSF), k_tile, state.index, tidx)
+                            ring.producer_commit(state)
+                            state.advance()
         else:
             # ---- consumers: decode the weight fragment into registers, wgmma, epilogue ----
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
@@ -324,8 +322,6 @@ class MoEGemmSm90:
         mma, tCrX, acc = variant
         for k_tile in cutlass.range(self.k // TILE_K, unroll=1):
             ring.consumer_wait(read)
-            if cutlass.const_expr(self.fc1):
-                cute.arch.fence_proxy("async.shared", space="cta")  # the wgmmas read cp.async's token rows (FC2's come by TMA)
             for j in cutlass.range_constexpr(self.reps):
                 cute.autovec_copy(cute.recast_tensor(sW[None, ctid, j, read.index], cutlass.Int32), codes[None, j])
                 cute.autovec_copy(cute.recast_tensor(sSF[None, ctid // 4, j, read.index], cutlass.Int32), scale_words[None, j])
@@ -348,7 +344,7 @@ class MoEGemmSm90:
         return read, release
 
     def load_rows(self, tma, width: int, sX, row_start, k_tile, stage, bar):
-        """FC2: K step k_tile of the tile's token rows from row_start on, as one TMA box of the copy atom's width
+        """K step k_tile of the tile's token rows from row_start on, as one TMA box of the copy atom's width
         (rows past the tile's end are read but never stored; past the tensor's end TMA fills zeros) into the
         first rows of `stage`, completing on `bar` with the box's bytes."""
         atom, rows = tma
@@ -422,7 +418,7 @@ class MoEGemmSm90:
 
     def width_index(self, rows):
         """Which of widths() a work tile holding `rows` (>= 1) rows of its expert runs at: the narrowest that
-        covers them. The producer gathers that many rows (FC1) and the consumers run that width's MMA."""
+        covers them. The producer loads that many rows and the consumers run that width's MMA."""
         return cutlass.min((rows - 1) // WIDTH_STEP, self.tile_m // WIDTH_STEP - 1)
 
     def work_item(self, mTiles, w):
@@ -430,13 +426,6 @@ class MoEGemmSm90:
         tile) as (n_blk, expert, first row, end row). Producer and consumers walk the same items."""
         m_blk = w // (self.n // self.tile_w)
         return w % (self.n // self.tile_w), mTiles[m_blk, 0], mTiles[m_blk, 1], mTiles[m_blk, 2]
-
-    @cute.jit
-    def token_row(self, mRowToken, row_start, i):
-        """FC1: the token row that tile row i gathers. Rows past the tile read the tokens of the rows that
-        follow (their results are never stored): one row repeated by every copy would queue them all on one
-        L2 slice. Past the last row they wrap around to the first rows."""
-        return mRowToken[(row_start + i) % cute.size(mRowToken)]
 
     def swiglu_column(self, t):
         """FC1: the output column, within the work tile's tile_w / 2, of weight tile row t. Tile rows
@@ -455,40 +444,87 @@ class MoEGemmSm90:
             return (self.n // 2) * ((t // 8) % 2) + n_blk * (self.tile_w // 2) + self.swiglu_column(t)
         return n_blk * self.tile_w + t
 
-    def load_offsets(self, p):
-        """Byte offsets in a stage's token, code and scale buffers of producer thread p's first copy of each
-        kind (see load_step). The token buffer is wgmma's 128-byte swizzle: 16-byte chunk c of row m sits
-        at chunk c ^ (m % 8); rows p // 8 + 16 i share m % 8, so one offset plus 2048 i serves them all."""
-        row = p // 8
-        return row * (TILE_K * 2) + ((p % 8) ^ (row % 8)) * 16, p * 16, p * 4
+    def loaders(self) -> int:
+        """Producer threads that load the stages: FC1's warp 0 (its other warps permute the token rows), FC2's 4 warps."""
+        return 32 if self.fc1 else PRODUCER_THREADS
 
     @cute.jit
-    def load_step(self, sources, src_offsets, dst_offsets, buffers, k_tile, stage, x_groups):
-        """cp.async K step `k_tile` into `stage` (all but FC2's token rows, which come as one TMA box).
-        Consecutive threads copy consecutive 16-byte chunks, so that a warp reads whole 128-byte lines (one
-        thread per row would read half sectors of 32 rows per instruction, which measured ~2x slower than
-        the MMA): thread p copies chunk p % 8 of token tile rows p // 8 + 16 i (FC1), and 16 code bytes and
-        4 scale bytes of each contiguous weight chunk (the fragment order puts a K step of 128 weight rows in
-        one 4 KB code chunk and one 512-byte scale chunk). Addresses are the per-tile offsets plus this
-        step's k: no layout arithmetic per copy."""
+    def load_step(self, sources, block0, buffers, k_tile, stage, p):
+        """cp.async K step `k_tile` of the expert's weights into `stage` (the token rows come as one TMA box):
+        its 128-row blocks block0, block0 + 1, .. are contiguous chunks of codes and scales in the fragment
+        order (to_fragment_order: a K step of 128 weight rows is one 4 KB code chunk and one 512-byte scale
+        chunk), copied 16 (codes) and 4 (scales) bytes per thread and copy, consecutive threads on consecutive
+        bytes, so that a warp reads whole 128-byte lines."""
         copy16 = cute.make_copy_atom(cpasync.CopyG2SOp(cpasync.LoadCacheMode.GLOBAL), cutlass.Uint8, num_bits_per_copy=128)
         copy4 = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=32)
-        x_base, w_base, sf_base = sources
-        x_off, w_off, sf_off = src_offsets
-        sx_off, sw_off, ssf_off = dst_offsets
-        sX, sW, sSF = buffers
-        tile_m, tile_w = self.tile_m, self.tile_w
-        kinds = (  # source, offsets, k offset, bytes per offset unit, destination, its step per copy, atom, bytes, copies
-            (x_base, x_off, 2 * k_tile * TILE_K, 2, sX.iterator.toint() + stage * (tile_m * TILE_K * 2) + sx_off, 16 * TILE_K * 2, copy16, 16, x_groups),
-            (w_base, w_off, k_tile * CODE_CHUNK, 1, sW.iterator.toint() + stage * (tile_w * TILE_K // 2) + sw_off, CODE_CHUNK // 2, copy16, 16, tile_w // 64),
-            (sf_base, sf_off, k_tile * SCALE_CHUNK, 1, sSF.iterator.toint() + stage * (tile_w * TILE_K // BLOCK) + ssf_off, SCALE_CHUNK, copy4, 4, tile_w // 128),
+        w_base, sf_base = sources
+        sW, sSF = buffers
+        k_tiles, loaders = self.k // TILE_K, self.loaders()
+        kinds = (  # source, chunk bytes, destination, atom, bytes per copy
+            (w_base, CODE_CHUNK, sW.iterator.toint() + stage * (self.tile_w * TILE_K // 2), copy16, 16),
+            (sf_base, SCALE_CHUNK, sSF.iterator.toint() + stage * (self.tile_w * TILE_K // BLOCK), copy4, 4),
         )
-        for base, offs, k_bytes, elem_bytes, dst0, dst_step, atom, size, copies in kinds if self.fc1 else kinds[1:]:
-            for i in cutlass.range_constexpr(cute.size(offs)):
-                if i < copies:
-                    src = cute.make_ptr(cutlass.Uint8, base + cutlass.Int64(offs[i]) * elem_bytes + k_bytes, cute.AddressSpace.gmem, assumed_align=size)
-                    dst = cute.make_ptr(cutlass.Uint8, dst0 + i * dst_step, cute.AddressSpace.smem, assumed_align=size)
-                    cute.copy(atom, cute.make_tensor(src, cute.make_layout(size)), cute.make_tensor(dst, cute.make_layout(size)))
+        for base, chunk, dst0, atom, size in kinds:
+            first = base + cutlass.Int64((block0 * k_tiles + k_tile) * chunk + p * size)
+            for i in cutlass.range_constexpr(self.reps * chunk // (loaders * size)):
+                j, within = divmod(i * loaders * size, chunk)  # copy i: byte `within` of block block0 + j
+                src = cute.make_ptr(cutlass.Uint8, first + j * k_tiles * chunk + within, cute.AddressSpace.gmem, assumed_align=size)
+                dst = cute.make_ptr(cutlass.Uint8, dst0 + i * loaders * size + p * size, cute.AddressSpace.smem, assumed_align=size)
+                cute.copy(atom, cute.make_tensor(src, cute.make_layout(size)), cute.make_tensor(dst, cute.make_layout(size)))
+
+    @cute.jit
+    def permute_rows(self, mA, mRowToken, mRows, mReady, p):
+        """FC1: mRows[r] = mA[row -> token r] for every routed row, by the producer warps past the loaders of every
+        CTA, PERMUTE_ROWS rows per claim of mReady[0] (a warp claims the next group until none is left), each
+        group marked copied in mReady[1 + group] (release) for the loaders (wait_rows). Claims go in row order, so
+        the first tiles' rows are copied first. Copying once per row rather than gathering each row into every
+        work tile by cp.async (as many times as N has weight blocks) takes the gather off the load path."""
+        lane = p % 32
+        rows = cute.size(mRows, mode=[0])
+        row_bytes = self.k * 2
+        group = self.claim(mReady, lane)
+        while group * PERMUTE_ROWS < rows:
+            for r in cutlass.range_constexpr(PERMUTE_ROWS):
+                row = group * PERMUTE_ROWS + r
+                if row < rows:
+                    src = mA.iterator.toint() + cutlass.Int64(mRowToken[row]) * row_bytes + lane * 16
+                    dst = mRows.iterator.toint() + cutlass.Int64(row) * row_bytes + lane * 16
+                    # all of a row's loads first, then its stores: each thread has PERMUTE_BATCH 16-byte loads in flight
+                    for b in cutlass.range_constexpr(0, row_bytes // 512, PERMUTE_BATCH):
+                        parts = [cute.make_rmem_tensor((8,), cutlass.BFloat16) for _ in range(PERMUTE_BATCH)]
+                        for i in cutlass.range_constexpr(PERMUTE_BATCH):
+                            if b + i < row_bytes // 512:
+                                cute.autovec_copy(cute.make_tensor(cute.make_ptr(cutlass.BFloat16, src + (b + i) * 512, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)), parts[i])
+                        for i in cutlass.range_constexpr(PERMUTE_BATCH):
+                            if b + i < row_bytes // 512:
+                                cute.autovec_copy(parts[i], cute.make_tensor(cute.make_ptr(cutlass.BFloat16, dst + (b + i) * 512, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
+            cute.arch.sync_warp()
+            if lane == 0:
+                # the rows are read by TMA (the async proxy) on other SMs once the flag is seen
+                cute.arch.fence_proxy("async.global")
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.store(mReady.iterator + 1 + group, cutlass.Int32(1), sem="release", scope="gpu")
+            group = self.claim(mReady, lane)
+
+    @cute.jit
+    def claim(self, mReady, lane):
+        """The next row group for a permuting warp: lane 0 takes it from mReady[0], the warp shares it."""
+        group = cutlass.Int32(0)
+        if lane == 0:
+            group = cute.arch.atomic_add(mReady.iterator, cutlass.Int32(1), sem="relaxed", scope="gpu")
+        return cute.arch.shuffle_sync(group, 0)
+
+    @cute.jit
+    def wait_rows(self, mReady, row_start, row_end, lane):
+        """FC1's loader warp: until the row groups holding rows row_start .. row_end - 1 are copied into mRows
+        (permute_rows), then the warp's TMA loads may read them. Rows past row_end that a box reads may still be
+        being copied: their results are never stored."""
+        for g in cutlass.range(row_start // PERMUTE_ROWS + lane, (row_end - 1) // PERMUTE_ROWS + 1, 32, unroll=1):
+            done = cutlass.Int32(0)
+            while done == 0:
+                done = cute.arch.load(mReady.iterator + 1 + g, cutlass.Int32, sem="acquire", scope="gpu")
+        cute.arch.sync_warp()
+        cute.arch.fence_proxy("async.global")
 
     @cute.jit
     def decode_block(self, codes, scale_words, kb, frag, luts):
@@ -682,6 +718,8 @@ def compile_gemm(fc1: bool, n: int, k: int, tile_w: int = TILE_W, tile_m: int = 
         _fake(cutlass.Float32, (None,), 4),
         _fake(cutlass.Int32, (None, 3), 4),
         out,
+        _fake(cutlass.BFloat16, (None, k)),
+        _fake(cutlass.Int32, (None,), 4),
         cutlass.Int32(1),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi" + (f" --keep-ptx --dump-dir={ptx_dir}" if ptx_dir else ""),

@@ -4,7 +4,8 @@ FC1 and FC2 are one CuTe DSL kernel each (cute-det's FC2 then the fixed-order fi
 host side is building their small inputs on the device without waiting on it: the per-expert row tile
 table and int32 row -> token map (once per routing plan, shared by FC1 and FC2), the per-expert pointer
 tables of a weight view (cached by segment addresses: a model's views keep their addresses, DWDP's two
-prefetch buffers included, so after the first forward every lookup hits), and per-row scales. The
+prefetch buffers included, so after the first forward every lookup hits), per-row scales, and per FC1 call
+the [R, K] buffer its kernel copies the token rows into (permuted) with the zeroed flags of its row groups. The
 finalize of cute-det and EP's combine (`reduce_rows`) are the Triton one of kernels/grouped.py.
 """
 
@@ -14,7 +15,7 @@ import functools
 
 import torch
 
-from .cute_moe import TILE_M, TILE_W, WIDTH_STEP, check_shape, compile_gemm, fragment_layout, to_fragment_order
+from .cute_moe import PERMUTE_ROWS, TILE_M, TILE_W, WIDTH_STEP, check_shape, compile_gemm, fragment_layout, to_fragment_order
 from .grouped import GroupedTritonKernels
 from .interface import RoutingPlan, UnsupportedCase, WeightView
 from .nvfp4 import ROWS, NVFP4Weights, check_layout
@@ -86,7 +87,7 @@ def _check_fc1_out(out: torch.Tensor, rows: int, cols: int) -> None:
 
 
 class FusedCuteKernels(GroupedTritonKernels):
-    """FC1 = gather + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused. They read
+    """FC1 = permute + NVFP4 grouped GEMM + SwiGLU and FC2 = NVFP4 grouped GEMM + finalize, fused. They read
     the weights in the fragment order (kernels/cute_moe.py), which `prepare_experts` makes once."""
 
     name = "cute"
@@ -168,8 +169,14 @@ class FusedCuteKernels(GroupedTritonKernels):
         MoEGemmSm90 takes them)."""
         codes, scales = self.pointer_tables(view)
         tiles, row_token = self.plan_tables(plan, tile[1])
+        a = self._input(a).contiguous()
+        if fc1:  # the kernel first copies the token rows into `rows` in the permuted order, marking groups in `ready`
+            rows = torch.empty(plan.num_rows, view.k, dtype=a.dtype, device=a.device)
+            ready = torch.zeros(1 + -(-plan.num_rows // PERMUTE_ROWS), dtype=torch.int32, device=a.device)
+        else:
+            rows, ready = a, row_token[:1]  # FC2's rows are its input; `ready` is not read
         compile_gemm(fc1, view.n, view.k, *tile, rows_out=rows_out)(
-            self._input(a).contiguous(), row_token, codes, scales, scale, tiles, out, _sm_count(a.device),
+            a, row_token, codes, scales, scale, tiles, out, rows, ready, _sm_count(a.device),
         )
 
     def _fc2_tile(self, h: torch.Tensor, plan: RoutingPlan, w2: WeightView) -> tuple[int, int]:

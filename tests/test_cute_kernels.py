@@ -190,6 +190,33 @@ def test_cute_det_fc2_writes_every_row_and_repeats_bit_for_bit(shape, seed, tile
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
+@pytest.mark.parametrize("ctas", [1, 5])
+@pytest.mark.parametrize("tile", [(128, 256), (256, 128)])
+def test_fc1_permutes_every_row_on_any_number_of_ctas(ctas, tile):
+    """FC1's permuting warps claim row groups from a global counter and each tile's loads wait for its groups:
+    on far fewer CTAs than SMs (as when other kernels hold SMs) every group is still claimed and copied, the
+    buffer holds x[row -> token] (padding rows included) and the result is the full grid's, bit for bit."""
+    from dwdp_bench.kernels.cute_moe import PERMUTE_ROWS, compile_gemm
+
+    x, plan, w13, w2 = _case(9, 256, 384, 513, 3, 16, 0)
+    fused = type(get_kernels("cute", "cuda"))(tile=tile)
+    v13, _ = _views(fused, w13, w2)
+    h = fused.fc1(x, plan, v13)
+    tiles, row_token = fused.plan_tables(plan, tile[1])
+    codes, scales = fused.pointer_tables(v13)
+    rows = torch.full((plan.num_rows, x.shape[1]), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ready = torch.zeros(1 + -(-plan.num_rows // PERMUTE_ROWS), dtype=torch.int32, device="cuda")
+    out = torch.full_like(h, float("nan"))
+    compile_gemm(True, v13.n, v13.k, *tile)(x, row_token, codes, scales, 1.0 / v13.global_scales(), tiles, out, rows, ready, ctas)
+    written = int(plan.expert_offsets[-1])
+    assert torch.equal(out[:written], h[:written])
+    assert torch.equal(rows, x[plan.row_token])
+    assert (ready[1:] == 1).all() and int(ready[0]) >= ready.numel() - 1
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(9, 256, 384, 513, 3, 16), (72, 2560, 1536, 700, 6, 1)])
 def test_both_work_tiles_give_the_same_bits_from_the_same_weights(shape):
     """Weights prepared once serve both tiles (a call picks one by rows per expert): FC1's SwiGLU rows and
