@@ -122,7 +122,7 @@ def test_committed_h200_results_pass_their_reference_and_make_plots(tmp_path):
     for name in ("e2e-throughput-0.png", "e2e-timeline-0.png"):
         assert (out / name).stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
-    assert "| 0.2 | dwdp | 45805 |" in summary and "replicated-rerun" in summary
+    assert "| 0.2 | dwdp | 45865 |" in summary and "replicated-rerun" in summary
     kernels = [h200 / "kernels_h200x2.csv", h200 / "kernels_h200x2.transport.csv"]
     done = gate(*kernels, reference=ROOT / "results" / "reference" / "h200-kernels.toml")
     assert done.returncode == 0, done.stdout + done.stderr
