@@ -306,6 +306,26 @@ def test_rows_past_2_31_output_elements_land_in_their_rows():
 @on_hopper
 @needs_cute
 @pytest.mark.gpu
+def test_fc1_permuted_rows_past_2_31_elements_are_their_own_tokens():
+    """FC1 copies its token rows into an [R, K] buffer (64-bit offsets) that TMA then reads by row: with R x K >
+    2^31 the last SwiGLU rows still match the reference's (wrapped offsets would copy or read other rows)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e, hidden, inter, t = 2, 2560, 256, 430_000  # R = 2 t rows of K = hidden: 2.2e9 > 2^31 elements
+    w13 = quantize(torch.randn(e, 2 * inter, hidden, device="cuda", generator=g) * hidden**-0.5)
+    w2 = quantize(torch.randn(e, hidden, inter, device="cuda", generator=g) * inter**-0.5)
+    tokens = torch.arange(t, device="cuda")
+    plan = build_plan(torch.stack([tokens % e, (tokens + 1) % e], dim=1), torch.ones(t, 2, device="cuda"), e)
+    x = torch.randn(t, hidden, device="cuda", generator=g).bfloat16()
+    fused, ref = get_kernels("cute", "cuda"), get_kernels("torch", "cuda")
+    (f13, _), (r13, _) = _views(fused, w13, w2), _views(ref, w13, w2)
+    h, want = fused.fc1(x, plan, f13), ref.fc1(x, plan, r13)
+    for first in (0, plan.num_rows - 4096):  # the first rows and the last, past 2^31 elements of the buffer
+        torch.testing.assert_close(h[first : first + 4096], want[first : first + 4096], rtol=2e-2, atol=2e-2)
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cute", "cute-det"])
 def test_cute_kernels_with_no_tokens(name):
     x, plan, w13, w2 = _case(8, 256, 128, 0, 2, 1, 0)
