@@ -482,22 +482,22 @@ class MoEGemmSm90:
         lane = p % 32
         rows = cute.size(mRows, mode=[0])
         row_bytes = self.k * 2
+        steps = -(-row_bytes // 512)  # a warp copies 512 bytes of a row per step (see chunk_pair)
         group = self.claim(mReady, lane)
         while group * PERMUTE_ROWS < rows:
             for r in cutlass.range_constexpr(PERMUTE_ROWS):
                 row = group * PERMUTE_ROWS + r
                 if row < rows:
-                    src = mA.iterator.toint() + cutlass.Int64(mRowToken[row]) * row_bytes + lane * 16
-                    dst = mRows.iterator.toint() + cutlass.Int64(row) * row_bytes + lane * 16
+                    row_src = mA.iterator.toint() + cutlass.Int64(mRowToken[row]) * row_bytes
+                    row_dst = mRows.iterator.toint() + cutlass.Int64(row) * row_bytes
                     # all of a row's loads first, then its stores: each thread has PERMUTE_BATCH 16-byte loads in flight
-                    for b in cutlass.range_constexpr(0, row_bytes // 512, PERMUTE_BATCH):
-                        parts = [cute.make_rmem_tensor((8,), cutlass.BFloat16) for _ in range(PERMUTE_BATCH)]
-                        for i in cutlass.range_constexpr(PERMUTE_BATCH):
-                            if b + i < row_bytes // 512:
-                                cute.autovec_copy(cute.make_tensor(cute.make_ptr(cutlass.BFloat16, src + (b + i) * 512, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)), parts[i])
-                        for i in cutlass.range_constexpr(PERMUTE_BATCH):
-                            if b + i < row_bytes // 512:
-                                cute.autovec_copy(parts[i], cute.make_tensor(cute.make_ptr(cutlass.BFloat16, dst + (b + i) * 512, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
+                    for b in cutlass.range_constexpr(0, steps, PERMUTE_BATCH):
+                        pairs = [self.chunk_pair(row_src, row_dst, lane, step) for step in range(b, min(b + PERMUTE_BATCH, steps))]
+                        parts = [cute.make_rmem_tensor((8,), cutlass.BFloat16) for _ in pairs]
+                        for i in cutlass.range_constexpr(len(pairs)):
+                            cute.autovec_copy(cute.make_tensor(cute.make_ptr(cutlass.BFloat16, pairs[i][0], cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)), parts[i])
+                        for i in cutlass.range_constexpr(len(pairs)):
+                            cute.autovec_copy(parts[i], cute.make_tensor(cute.make_ptr(cutlass.BFloat16, pairs[i][1], cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
             cute.arch.sync_warp()
             if lane == 0:
                 # the rows are read by TMA (the async proxy) on other SMs once the flag is seen
@@ -505,6 +505,16 @@ class MoEGemmSm90:
                 cute.arch.fence_acq_rel_gpu()
                 cute.arch.store(mReady.iterator + 1 + group, cutlass.Int32(1), sem="release", scope="gpu")
             group = self.claim(mReady, lane)
+
+    def chunk_pair(self, row_src, row_dst, lane, step):
+        """FC1's permute: the source and destination address of `lane`'s 16-byte chunk of a row in `step`: lane l
+        copies chunks l, l + 32, .. In a last step of fewer than 32 chunks (K not a multiple of 256) the lanes
+        past the row's end copy its last chunk again (the same bytes to the same place)."""
+        chunks = self.k * 2 // 16
+        if 32 * (step + 1) <= chunks:
+            return row_src + lane * 16 + step * 512, row_dst + lane * 16 + step * 512
+        offset = cutlass.min(lane + 32 * step, chunks - 1) * 16
+        return row_src + offset, row_dst + offset
 
     @cute.jit
     def claim(self, mReady, lane):

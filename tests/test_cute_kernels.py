@@ -65,6 +65,16 @@ def test_kernels_compile_for_sm90a_without_serialized_wgmmas(e, h, inter, tile, 
 
 
 @needs_cute
+@pytest.mark.parametrize("hidden", [192, 320])
+def test_fc1_builds_for_rows_not_a_multiple_of_512_bytes(hidden):
+    """FC1's permuting warps copy a row 512 bytes per step; with K x 2 not a multiple of 512 the last step is partial
+    (chunk_pair): that path must build too. The GPU test of the same shapes checks what it copies."""
+    from dwdp_bench.kernels.cute_moe import compile_gemm
+
+    assert compile_gemm(True, 256, hidden) is not None
+
+
+@needs_cute
 def test_unsupported_shapes_are_refused_clearly():
     from dwdp_bench.kernels.cute_moe import check_shape
 
@@ -212,6 +222,25 @@ def test_fc1_permutes_every_row_on_any_number_of_ctas(ctas, tile):
     assert torch.equal(out[:written], h[:written])
     assert torch.equal(rows, x[plan.row_token])
     assert (ready[1:] == 1).all() and int(ready[0]) >= ready.numel() - 1
+
+
+@on_hopper
+@needs_cute
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [192, 320])  # rows of 384 and 640 bytes: the permute's last step is partial
+@pytest.mark.parametrize("tile", [(128, 256), (256, 128)])
+def test_fc1_permutes_rows_that_are_not_a_multiple_of_512_bytes(hidden, tile):
+    """FC1's permuting warps copy a row 512 bytes per step; where K x 2 is not a multiple of 512 the lanes past the
+    row's end repeat its last chunk, and every routed row must still be its token's (FC1 of cute-fc1, whose FC2 is
+    grouped's: FC2's tiles need hidden % 128)."""
+    x, plan, w13, w2 = _case(8, hidden, 128, 300, 2, 1, 0)
+    ref, fused = get_kernels("torch", "cuda"), type(get_kernels("cute-fc1", "cuda"))(tile=tile)
+    (r13, _), (f13, _) = _views(ref, w13, w2), _views(fused, w13, w2)
+    h_ref = ref.fc1(x, plan, r13)
+    h = fused.fc1_into(x, plan, f13, torch.full_like(h_ref, float("nan")))
+    used = plan.token_rows.flatten()
+    assert torch.isfinite(h[used]).all()
+    torch.testing.assert_close(h[used], h_ref[used], rtol=2e-2, atol=2e-2)
 
 
 @on_hopper
