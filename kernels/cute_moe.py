@@ -27,14 +27,15 @@ stored in its work tile's order (gate and up interleaved, see weight_row).
 
 A weight fragment decoded once feeds 256 token columns, which is why the default tile is 256 tokens wide.
 A tile runs at the narrowest token width, a multiple of 64, that covers its rows (one tiled MMA per width,
-see mainloop; the token rows come as a TMA box of that width), so whatever the tile
-an expert's rows are padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
+see mainloop; the token rows come as a TMA box of that width), so whatever the tile an expert's rows are
+padded to a multiple of 64 rather than of the tile: in the 128 x 256 tile on
 DeepSeek-V3-Lite shapes, 1K-32K tokens, FC2 1-28% and FC1 1-8% faster than running every tile at full width
 (results/README.md, session 8). FC2's rows kernel gained another 1-14% (V3-Lite 4K-32K and V3 8K-16K tokens,
 session 9) when its box took the tile's width rather than the full tile's. The tile table splits an expert's
-rows evenly over its tiles (kernels/fused.py: `tile_table`). A tile of 256 weight rows x 128 tokens halves the token traffic per FLOP but
-decodes twice as much: it is faster where an expert has about one narrow tile of rows, so each call picks
-one by its mean rows per expert (kernels/fused.py: `work_tile`); both read the same fragment-ordered weights.
+rows evenly over its tiles (kernels/fused.py: `tile_table`). A tile of 256 weight rows x 128 tokens halves
+the token traffic per FLOP but decodes twice as much: it is faster where an expert has about one narrow tile
+of rows, so each call picks one by its mean rows per expert (kernels/fused.py: `work_tile`); both read the
+same fragment-ordered weights.
 
 FC1's token rows: Hopper's TMA cannot gather rows by index. Gathering them into every work tile by cp.async
 (each row as many times as N has weight blocks, from all four producer warps) cost the 128 x 256 tile 10-13%
@@ -394,11 +395,10 @@ class MoEGemmSm90:
             m = full * OUT_BOX + ctid // chunks + (CONSUMER_THREADS // chunks) * step
             if m < rows:
                 part = cute.make_rmem_tensor((8,), cutlass.BFloat16)
-                src = cute.make_ptr(cutlass.BFloat16, self.out_box_address(sEpi, m, (ctid % chunks) * 8), cute.AddressSpace.smem, assumed_align=16)
-                cute.autovec_copy(cute.make_tensor(src, cute.make_layout(8)), part)
+                cute.autovec_copy(bf16x8_at(self.out_box_address(sEpi, m, (ctid % chunks) * 8), cute.AddressSpace.smem), part)
                 # 64-bit row addresses: FC2's [R, N] passes 2^31 elements at DeepSeek-V3's 64K tokens
                 dst = mOut.iterator.toint() + (cutlass.Int64(row_start + m) * cute.size(mOut, mode=[1]) + n_blk * cols + (ctid % chunks) * 8) * 2
-                cute.autovec_copy(part, cute.make_tensor(cute.make_ptr(cutlass.BFloat16, dst, cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
+                cute.autovec_copy(part, bf16x8_at(dst, cute.AddressSpace.gmem))
 
     def store_box(self, store, sBox, row, col):
         """A TMA store of one smem box to out[row .., col ..] (issued by one elected lane of the calling warp)."""
@@ -495,9 +495,9 @@ class MoEGemmSm90:
                         pairs = [self.chunk_pair(row_src, row_dst, lane, step) for step in range(b, min(b + PERMUTE_BATCH, steps))]
                         parts = [cute.make_rmem_tensor((8,), cutlass.BFloat16) for _ in pairs]
                         for i in cutlass.range_constexpr(len(pairs)):
-                            cute.autovec_copy(cute.make_tensor(cute.make_ptr(cutlass.BFloat16, pairs[i][0], cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)), parts[i])
+                            cute.autovec_copy(bf16x8_at(pairs[i][0], cute.AddressSpace.gmem), parts[i])
                         for i in cutlass.range_constexpr(len(pairs)):
-                            cute.autovec_copy(parts[i], cute.make_tensor(cute.make_ptr(cutlass.BFloat16, pairs[i][1], cute.AddressSpace.gmem, assumed_align=16), cute.make_layout(8)))
+                            cute.autovec_copy(parts[i], bf16x8_at(pairs[i][1], cute.AddressSpace.gmem))
             cute.arch.sync_warp()
             if lane == 0:
                 # the rows are read by TMA (the async proxy) on other SMs once the flag is seen
@@ -650,6 +650,11 @@ def bulk_add_f32(dst: cutlass.Int64, src: cutlass.Int32, nbytes: int, *, loc=Non
         f"cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], {nbytes};", "l,r,~{memory}",
         has_side_effects=True, loc=loc, ip=ip,
     )
+
+
+def bf16x8_at(address, space):
+    """The 8 bf16 (16 bytes) at a 16-byte aligned `address` of memory `space`, as a tensor: one vector load or store."""
+    return cute.make_tensor(cute.make_ptr(cutlass.BFloat16, address, space, assumed_align=16), cute.make_layout(8))
 
 
 @dsl_user_op
