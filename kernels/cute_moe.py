@@ -253,7 +253,8 @@ class MoEGemmSm90:
             # ---- producer: the token rows by TMA, the weights by cp.async (see load_step); FC1's warps past the
             # loaders first copy the token rows into mRows in the permuted order (see permute_rows) ----
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-            if tidx >= self.loaders():
+            permutes = tidx >= self.loaders() if cutlass.const_expr(self.fc1) else False  # FC2: every producer thread loads
+            if permutes:
                 self.permute_rows(mA, mRowToken, mRows, mReady, tidx - self.loaders())
             else:
                 state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
