@@ -133,8 +133,8 @@ class FusedCuteKernels(GroupedTritonKernels):
         key = tuple((s.packed.data_ptr(), s.packed.stride(), s.block_scale.data_ptr(), s.block_scale.stride(), s.num_experts) for s in view.segments)
         if key not in self._pointers:
             codes, scales = [], []
-            for seg in view.segments:
-                if not (seg.packed[0].is_contiguous() and seg.block_scale[0].is_contiguous()):
+            for seg in view.segments:  # an empty segment (a DWDP peer holding none of them) adds no pointers
+                if seg.num_experts and not (seg.packed[0].is_contiguous() and seg.block_scale[0].is_contiguous()):
                     raise ValueError("the CuTe DSL kernels need each expert's packed codes and block scales contiguous")
                 codes += [seg.packed.data_ptr() + i * seg.packed.stride(0) for i in range(seg.num_experts)]
                 scales += [seg.block_scale.data_ptr() + i * seg.block_scale.stride(0) for i in range(seg.num_experts)]
